@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="visor_hf",
+    version="0.1.0",
+    description="VISOR (VISion On Request) for LLaVA-OneVision in Hugging Face transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["visor_hf", "visor_hf.*"]),
+    python_requires=">=3.10",
+    # torch is not pinned here: install it first (see README), or pip pulls a multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.57,<6",
+        "accelerate>=1.0",
+        "safetensors",
+        "huggingface_hub",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "matplotlib", "datasets"],
+        "train": ["datasets", "matplotlib"],
+        "flash": ["flash-attn>=2.6"],
+    },
+)

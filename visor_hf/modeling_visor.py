@@ -1,0 +1,703 @@
+"""VISOR (VISion On Request, Bulat et al., CVPR 2026) on top of LLaVA-OneVision.
+
+The vision tower, projector, anyres packing and every language-model layer are LLaVA-OneVision's own
+(`VisorModel` subclasses transformers' `LlavaOnevisionModel`, so the checkpoint keys are unchanged).
+What VISOR changes is which tokens each language-model layer sees:
+
+    V = visual tokens (never pruned), T = text tokens, in the dense sequence's order and RoPE positions
+    for layer l:
+        if l in the sample's self-attention configuration S:  [V; T] = Layer_l([V; T])   (dense order)
+        else:                                                  T      = Layer_l(T)        (text only)
+        if l in config.cross_attn_layers:                      T      = T + tanh(g_l) * XAttn_l(T, CPE_l(V))
+
+Design choices:
+- Text buffer and visual buffer. The prompt is split once into a left-padded text buffer (B, Nt) and a
+  right-padded visual buffer (B, Nv), both in the dense order. Self-attention layers scatter them back
+  into the dense layout; text-only layers never touch visual tokens.
+- Masks are boolean, True = may attend. A row with no allowed key (padding, text before the first image
+  in cross-attention) returns zeros instead of NaN.
+- Batches mixing configurations run the union of their layers; a sample that did not choose a layer has
+  its visual keys masked out there and its visual tokens left unchanged, so it gets exactly what it gets
+  alone.
+- One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and
+  values, self-attention layers cache visual + text, and the cross-attention keys/values of the visual
+  tokens are computed once at prefill and kept in its `prompt` state. Decoding never touches visual tokens
+  outside S and C.
+- New parts start as identity (zero gates, zero CPE convolution), so a freshly grafted model at the full
+  budget with all layers in S is LLaVA-OneVision exactly.
+
+Usage:
+    model = VisorForConditionalGeneration.from_llava_onevision(llava_model)
+    out = model.generate(**inputs, budget=2, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import DynamicCache, GenerationMixin
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionModel,
+    LlavaOnevisionPreTrainedModel,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+from transformers.utils import ModelOutput
+
+from .configuration_visor import BUDGET_HELP, VisorConfig
+
+TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+CACHE_FIELD = "cache" if TRANSFORMERS_V5 else "past_key_values"  # where generate() looks for the cache
+
+try:  # transformers >= 5 initialises through wrappers that respect already-loaded weights
+    from transformers import initialization as _init
+except ImportError:  # transformers 4.57
+    _init = nn.init
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+def attend(query, key, value, allowed, implementation: str, scaling: float) -> torch.Tensor:
+    """Grouped-query attention with a boolean mask.
+
+    query (B, h, Q, d); key/value (B, kvh, K, d); allowed (B, 1, Q, K), True = may attend.
+    Returns (B, Q, h, d). Rows with no allowed key return zeros.
+    """
+    has_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, Q, 1)
+    allowed = allowed | ~has_key  # a fully masked row would give NaN; it is zeroed below
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)  # (B, h, K, d)
+    value = value.repeat_interleave(groups, dim=1)
+    if implementation == "eager":
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(probs, value)
+    else:  # "sdpa"; flash-attention checkpoints fall back to it (masks here are not plain causal)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    out = out * has_key.to(out.dtype)
+    return out.transpose(1, 2)
+
+
+def causal_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """(B, K) key validity -> (B, 1, Q, K) mask where the Q queries are the last Q keys, causally."""
+    num_keys = key_valid.shape[1]
+    q = torch.arange(num_queries, device=key_valid.device)[:, None] + (num_keys - num_queries)
+    k = torch.arange(num_keys, device=key_valid.device)[None, :]
+    return (k <= q)[None, None] & key_valid[:, None, None, :]
+
+
+def decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx: int, implementation: str):
+    """Run a transformers Qwen2 decoder layer with our mask and cache (its weights, our attention call).
+
+    hidden (B, Q, H); cos/sin (B, Q, d); allowed (B, 1, Q, K) over the layer's cached keys + these.
+    """
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    residual = hidden
+    hidden = layer.input_layernorm(hidden)
+    head_shape = (batch, length, -1, attn.head_dim)
+    query = attn.q_proj(hidden).view(head_shape).transpose(1, 2)  # (B, h, Q, d)
+    key = attn.k_proj(hidden).view(head_shape).transpose(1, 2)  # (B, kvh, Q, d)
+    value = attn.v_proj(hidden).view(head_shape).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, layer_idx)
+    out = attend(query, key, value, allowed, implementation, attn.scaling)  # (B, Q, h, d)
+    hidden = residual + attn.o_proj(out.reshape(batch, length, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+# --------------------------------------------------------------------------------------------------
+# VISOR's new modules
+# --------------------------------------------------------------------------------------------------
+
+
+class VisorCPE(nn.Module):
+    """Conditional positional encoding `x + DWConv1d(x)` run over each image's own token sequence.
+
+    The depth-wise convolution (kernel k, padding k // 2) never mixes tokens of two images, two samples or
+    padding: a neighbour counts only if it carries the same image id. Starts as identity (zero weights).
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, padding=kernel_size // 2, groups=hidden_size)
+
+    def forward(self, x: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """x (B, N, H); image_ids (B, N), -1 for padding. Returns (B, N, H)."""
+        kernel = self.conv.kernel_size[0]
+        half = kernel // 2
+        length = x.shape[1]
+        weight = self.conv.weight[:, 0, :].to(x.dtype)  # (H, k)
+        x_pad = F.pad(x, (0, 0, half, half))  # (B, N + 2 half, H)
+        ids_pad = F.pad(image_ids, (half, half), value=-1)
+        out = x + self.conv.bias.to(x.dtype)
+        for j in range(kernel):  # out[t] += w[j] * x[t + j - half] when it belongs to the same image
+            same_image = (ids_pad[:, j : j + length] == image_ids) & (image_ids >= 0)
+            out = out + x_pad[:, j : j + length] * same_image.unsqueeze(-1).to(x.dtype) * weight[:, j]
+        return out
+
+
+class VisorCrossAttention(nn.Module):
+    """Gated cross-attention: text queries read visual keys/values. Grouped-query heads, no rotary.
+
+    `visual_key_values` runs once per prompt; `forward` is called at every step with the cached keys.
+    """
+
+    def __init__(self, text_config, cpe_kernel_size: int):
+        super().__init__()
+        hidden = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.num_key_value_heads = text_config.num_key_value_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or hidden // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.cpe = VisorCPE(hidden, cpe_kernel_size)
+        self.visual_norm = Qwen2RMSNorm(hidden, eps=text_config.rms_norm_eps)
+        self.text_norm = Qwen2RMSNorm(hidden, eps=text_config.rms_norm_eps)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def visual_key_values(self, visual: torch.Tensor, image_ids: torch.Tensor):
+        """visual (B, Nv, H) -> keys, values (B, kvh, Nv, d) of CPE(V)."""
+        batch, length, _ = visual.shape
+        visual = self.visual_norm(self.cpe(visual, image_ids))
+        shape = (batch, length, self.num_key_value_heads, self.head_dim)
+        return self.k_proj(visual).view(shape).transpose(1, 2), self.v_proj(visual).view(shape).transpose(1, 2)
+
+    def forward(self, text, key, value, allowed, implementation: str) -> torch.Tensor:
+        """text (B, Q, H); key/value (B, kvh, Nv, d); allowed (B, 1, Q, Nv). Returns the updated text."""
+        batch, length, _ = text.shape
+        query = self.q_proj(self.text_norm(text)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        out = attend(query, key, value, allowed, implementation, self.scaling).reshape(batch, length, -1)
+        return text + torch.tanh(self.gate).to(text.dtype) * self.o_proj(out)
+
+
+class VisorRouter(nn.Module):
+    """MLP that reads the routing token's hidden state and scores `config.configurations`."""
+
+    def __init__(self, hidden_size: int, router_hidden_size: int, num_configurations: int, eps: float):
+        super().__init__()
+        self.norm = Qwen2RMSNorm(hidden_size, eps=eps)
+        self.fc1 = nn.Linear(hidden_size, router_hidden_size)
+        self.fc2 = nn.Linear(router_hidden_size, num_configurations)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(hidden))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisorPromptState:
+    """What decoding needs to know about the prompt; rows are samples."""
+
+    is_visual: torch.Tensor  # (B, S) dense layout of the prompt
+    dense_valid: torch.Tensor  # (B, S + t) keys of self-attention layers that are not padding
+    text_valid: torch.Tensor  # (B, Nt + t) keys of text-only layers that are not padding
+    active: torch.Tensor  # (B, L) the sample's configuration contains layer l
+    dense_layers: list[bool]  # layer l caches visual + text (some sample runs it on the visual tokens)
+    visual_valid: torch.Tensor  # (B, Nv)
+    cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V)
+    seq_length: int = 0  # dense length seen so far (prompt + decoded)
+
+    def index_select(self, index: torch.Tensor) -> None:
+        for name in ("is_visual", "dense_valid", "text_valid", "active", "visual_valid"):
+            setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
+        self.cross_key_values = {
+            layer: (k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
+            for layer, (k, v) in self.cross_key_values.items()
+        }
+
+
+class VisorCache(DynamicCache):
+    """A `DynamicCache` whose layers hold different token sets (see the module docstring), plus the prompt
+    state that decoding needs. `get_seq_length` counts positions of the dense sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt: VisorPromptState | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.prompt is None else self.prompt.seq_length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.prompt is not None:
+            self.prompt.index_select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.prompt is not None:
+            self.prompt.index_select(indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisorModelOutput(ModelOutput):
+    """last_hidden_state: (B, S, H) at prefill (dense layout; values at image placeholders unspecified),
+    (B, n, H) when decoding n new tokens. The cache is in `cache` on transformers 5.x and in
+    `past_key_values` on 4.57 (the field each line's `generate` reads). `self_attn_layers`: the configuration each sample ran."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: VisorCache | None = None
+    cache: VisorCache | None = None
+    self_attn_layers: list | None = None
+    router_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class VisorCausalLMOutput(ModelOutput):
+    """Like LLaVA-OneVision's output; logits are (B, S, vocab) at prefill, unspecified at image placeholders."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: VisorCache | None = None
+    cache: VisorCache | None = None
+    self_attn_layers: list | None = None
+    router_logits: torch.FloatTensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
+    config_class = VisorConfig
+    config: VisorConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "VisorCrossAttention"]
+    _checkpoint_conversion_mapping = {}
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # The new parts start as identity: a grafted model is the base model until training moves it.
+        if isinstance(module, VisorCrossAttention):
+            _init.zeros_(module.gate)
+        elif isinstance(module, VisorCPE):
+            _init.zeros_(module.conv.weight)
+            _init.zeros_(module.conv.bias)
+
+
+class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
+    """LLaVA-OneVision's vision tower, projector and language model, run the VISOR way. Returns hidden states."""
+
+    def __init__(self, config: VisorConfig):
+        super().__init__(config)
+        text_config = config.text_config
+        self.cross_attn = nn.ModuleDict(
+            {str(layer): VisorCrossAttention(text_config, config.cpe_kernel_size) for layer in config.cross_attn_layers}
+        )
+        self.router = VisorRouter(
+            text_config.hidden_size, config.router_hidden_size, len(config.configurations), text_config.rms_norm_eps
+        )
+        self.post_init()
+
+    # ---- budgets -------------------------------------------------------------------------------
+
+    def resolve_budget(self, budget, batch_size: int) -> list[tuple[int, ...] | None]:
+        """One configuration (tuple of layers) per sample; None where the router decides ("auto")."""
+        if budget is None:
+            budget = self.config.default_budget
+        if isinstance(budget, list):
+            if len(budget) != batch_size:
+                raise ValueError(f"budget is a list of {len(budget)} entries for a batch of {batch_size} samples")
+            return [self._resolve_one_budget(b) for b in budget]
+        return [self._resolve_one_budget(budget)] * batch_size
+
+    def _resolve_one_budget(self, budget) -> tuple[int, ...] | None:
+        configurations = [tuple(c) for c in self.config.configurations]
+        if isinstance(budget, str):
+            if budget == "full":
+                return tuple(self.config.self_attn_layers)
+            if budget == "auto":
+                if self.config.routing_token_id is None:
+                    raise ValueError(
+                        "budget='auto' needs a routing token and a trained router (config.routing_token_id is None); "
+                        f"use a fixed budget: {BUDGET_HELP}"
+                    )
+                return None
+            raise ValueError(f"budget={budget!r} is not allowed: use {BUDGET_HELP}")
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            for configuration in configurations:
+                if len(configuration) == budget:
+                    return configuration
+            counts = sorted({len(c) for c in configurations})
+            raise ValueError(f"budget={budget}: no configuration has {budget} self-attention layers; allowed: {counts}")
+        if isinstance(budget, tuple):
+            layers = tuple(sorted(budget))
+            if layers in configurations or layers == tuple(self.config.self_attn_layers):
+                return layers
+            raise ValueError(f"budget={budget}: not one of config.configurations {configurations}")
+        raise ValueError(f"budget={budget!r} has type {type(budget).__name__}: use {BUDGET_HELP}")
+
+    def _active_layers(self, configurations: list, device) -> torch.Tensor:
+        """(B, L) bool: layer l is in sample b's configuration."""
+        active = torch.zeros(len(configurations), self.config.num_layers, dtype=torch.bool)
+        for b, configuration in enumerate(configurations):
+            active[b, list(configuration)] = True
+        return active.to(device)
+
+    # ---- visual tokens -------------------------------------------------------------------------
+
+    def visual_features(self, pixel_values, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
+        """LLaVA-OneVision's features, one (N_i, H) tensor per image (anyres packing with image_newline)."""
+        out = LlavaOnevisionModel.get_image_features(
+            self,
+            pixel_values,
+            image_sizes,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            vision_aspect_ratio=self.config.vision_aspect_ratio,
+            batch_num_images=batch_num_images,
+        )
+        return list(getattr(out, "pooler_output", out))  # 5.x returns an output object, 4.57 a list
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: VisorCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        budget=None,
+        batch_num_images: torch.LongTensor | None = None,
+        cache: VisorCache | None = None,
+        route_only: bool = False,
+        **kwargs,
+    ) -> VisorModelOutput:
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else (self.config.get_text_config().use_cache and not self.training)
+        if input_ids is None:
+            raise ValueError("VISOR needs input_ids: image placeholders are found by token id")
+        if isinstance(cache, VisorCache) and cache.prompt is not None:
+            return self._decode(input_ids, inputs_embeds, attention_mask, position_ids, cache)
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
+        cache = VisorCache() if use_cache else None
+        return self._prefill(
+            input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, budget,
+            batch_num_images, cache, route_only,
+        )
+
+    def _prefill(
+        self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, budget,
+        batch_num_images, cache, route_only,
+    ) -> VisorModelOutput:
+        config = self.config
+        batch, length = input_ids.shape
+        device = input_ids.device
+        language_model = self.language_model
+        implementation = config.text_config._attn_implementation or "sdpa"
+        configurations = self.resolve_budget(budget, batch)
+
+        embeds = inputs_embeds if inputs_embeds is not None else language_model.embed_tokens(input_ids)
+        attention_mask = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        is_visual = input_ids == config.image_token_id  # (B, S)
+        image_ids = torch.full_like(input_ids, -1)  # (B, S): which image a placeholder belongs to
+        num_placeholders = int(is_visual.sum())
+        if pixel_values is not None and num_placeholders > 0:
+            features = self.visual_features(pixel_values, image_sizes, batch_num_images)
+            num_features = sum(f.shape[0] for f in features)
+            if num_features != num_placeholders:
+                raise ValueError(
+                    f"Image features and image tokens do not match: {num_placeholders} image placeholder tokens in "
+                    f"input_ids, {num_features} visual tokens from pixel_values ({len(features)} images)"
+                )
+            lengths = torch.tensor([f.shape[0] for f in features], device=device)
+            features = torch.cat(features).to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), features)
+            image_ids = image_ids.masked_scatter(is_visual, torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths))
+        elif num_placeholders > 0:
+            raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
+
+        if position_ids is None:  # as LLaVA-OneVision: positions follow the dense sequence
+            position_ids = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+        cos, sin = language_model.rotary_emb(embeds, position_ids)  # (B, S, d)
+
+        # Split into a left-padded text buffer and a right-padded visual buffer, both in dense order.
+        is_text = ~is_visual
+        num_text = int(is_text.sum(1).max())
+        num_visual = int(is_visual.sum(1).max())
+        order = torch.argsort(is_text.to(torch.int8), dim=1, stable=True)  # visual positions first, then text
+        text_index = order[:, length - num_text :]  # (B, Nt)
+        visual_index = order[:, :num_visual]  # (B, Nv)
+        text_valid = is_text.gather(1, text_index) & attention_mask.gather(1, text_index)
+        visual_valid = is_visual.gather(1, visual_index)
+        visual_image_ids = torch.where(visual_valid, image_ids.gather(1, visual_index), -1)
+
+        def gather(x, index):  # (B, S, D) -> (B, N, D)
+            return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+        def scatter(x, index):  # (B, N, D) -> (B, S, D), zeros elsewhere
+            out = x.new_zeros(batch, length, x.shape[-1])
+            return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+
+        text, visual = gather(embeds, text_index), gather(embeds, visual_index)
+        text_cos, text_sin = gather(cos, text_index), gather(sin, text_index)
+        text_allowed = causal_allowed(text_valid, num_text)  # (B, 1, Nt, Nt)
+        dense_allowed = causal_allowed(attention_mask, length)  # (B, 1, S, S)
+        # Cross-attention keeps the dense causal order: a text token reads the images placed before it.
+        cross_allowed = (visual_valid[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])).unsqueeze(1)
+
+        # Before the router layer every configuration runs the same layers: the ones they all share.
+        always = tuple(sorted(set(config.self_attn_layers).intersection(*map(set, config.configurations))))
+        if config.router_layer >= config.num_layers:  # nothing to route: all configurations are the same
+            configurations = [always if c is None else c for c in configurations]
+        routed = [c is not None for c in configurations]
+        provisional = [always if c is None else c for c in configurations]
+        active = self._active_layers(provisional, device)
+        has_visual = num_visual > 0
+        state = VisorPromptState(
+            is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
+            dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=length,
+        )
+        router_logits = None
+
+        for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
+            if layer_idx == config.router_layer and not all(routed):
+                configurations, router_logits = self._route(input_ids, text_index, text, configurations)
+                active = state.active = self._active_layers(configurations, device)
+            if route_only and layer_idx >= config.router_layer:
+                break
+            if has_visual and bool(active[:, layer_idx].any()):
+                state.dense_layers[layer_idx] = True
+                # Samples that skip this layer: their visual keys are hidden, their visual tokens kept.
+                skips = is_visual & ~active[:, layer_idx : layer_idx + 1]
+                allowed = dense_allowed & ~skips[:, None, None, :]
+                dense = torch.where(is_visual.unsqueeze(-1), scatter(visual, visual_index), scatter(text, text_index))
+                dense = decoder_layer_forward(layer, dense, cos, sin, allowed, cache, layer_idx, implementation)
+                text = gather(dense, text_index)
+                visual = torch.where(active[:, layer_idx, None, None], gather(dense, visual_index), visual)
+            else:
+                text = decoder_layer_forward(layer, text, text_cos, text_sin, text_allowed, cache, layer_idx, implementation)
+            if has_visual and str(layer_idx) in self.cross_attn:
+                cross = self.cross_attn[str(layer_idx)]
+                key, value = cross.visual_key_values(visual, visual_image_ids)
+                state.cross_key_values[layer_idx] = (key, value)
+                text = cross(text, key, value, cross_allowed, implementation)
+
+        if route_only:
+            return VisorModelOutput(self_attn_layers=[tuple(c) for c in configurations], router_logits=router_logits)
+
+        hidden = scatter(language_model.norm(text), text_index)  # (B, S, H); placeholders hold no prediction
+        if cache is not None:
+            cache.prompt = state
+        return VisorModelOutput(
+            last_hidden_state=hidden, **{CACHE_FIELD: cache},
+            self_attn_layers=[tuple(c) for c in configurations], router_logits=router_logits,
+        )
+
+    def _route(self, input_ids, text_index, text, configurations):
+        """Pick a configuration for the samples whose budget is "auto", from their routing tokens."""
+        config = self.config
+        is_routing = input_ids.gather(1, text_index) == config.routing_token_id  # (B, Nt)
+        logits = self.router(text)  # (B, Nt, num_configurations)
+        choice = logits.argmax(-1)  # (B, Nt); configurations are ordered by cost, so a larger index costs more
+        fallback = self._resolve_one_budget(config.default_budget if config.default_budget != "auto" else "full")
+        routed = list(configurations)
+        for b, configuration in enumerate(configurations):
+            if configuration is not None:
+                continue
+            picks = choice[b][is_routing[b]]
+            # Several questions: the most expensive configuration any of them asks for.
+            routed[b] = tuple(config.configurations[int(picks.max())]) if picks.numel() else fallback
+        return routed, logits
+
+    def _decode(self, input_ids, inputs_embeds, attention_mask, position_ids, cache: VisorCache) -> VisorModelOutput:
+        """Continue from the cache with n new text tokens; visual tokens are only read from the cache."""
+        config = self.config
+        state = cache.prompt
+        language_model = self.language_model
+        implementation = config.text_config._attn_implementation or "sdpa"
+        batch, num_new = input_ids.shape
+        if bool((input_ids == config.image_token_id).any()):
+            raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
+        hidden = inputs_embeds if inputs_embeds is not None else language_model.embed_tokens(input_ids)
+
+        if attention_mask is None:
+            new_valid = torch.ones_like(input_ids, dtype=torch.bool)
+        elif attention_mask.shape[1] in (state.seq_length + num_new, num_new):
+            new_valid = attention_mask[:, -num_new:].bool()
+        else:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns; expected {state.seq_length + num_new} "
+                f"(prompt and generated tokens) or {num_new} (the new tokens)"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(num_new, device=input_ids.device).unsqueeze(0) + state.seq_length
+            position_ids = position_ids.expand(batch, -1)
+        cos, sin = language_model.rotary_emb(hidden, position_ids)
+
+        state.text_valid = torch.cat([state.text_valid, new_valid], dim=1)
+        state.dense_valid = torch.cat([state.dense_valid, new_valid], dim=1)
+        state.seq_length += num_new
+        text_allowed = causal_allowed(state.text_valid, num_new)
+        is_visual = F.pad(state.is_visual, (0, state.dense_valid.shape[1] - state.is_visual.shape[1]))
+        cross_allowed = state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1)
+
+        for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
+            if state.dense_layers[layer_idx]:
+                skips = is_visual & ~state.active[:, layer_idx : layer_idx + 1]
+                allowed = causal_allowed(state.dense_valid & ~skips, num_new)
+            else:
+                allowed = text_allowed
+            hidden = decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx, implementation)
+            if layer_idx in state.cross_key_values:
+                key, value = state.cross_key_values[layer_idx]
+                hidden = self.cross_attn[str(layer_idx)](hidden, key, value, cross_allowed, implementation)
+
+        configurations = [tuple(int(i) for i in torch.nonzero(row).flatten()) for row in state.active]
+        return VisorModelOutput(
+            last_hidden_state=language_model.norm(hidden), **{CACHE_FIELD: cache},
+            self_attn_layers=configurations,
+        )
+
+
+class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
+    """VISOR with a language-model head. Inputs are LLaVA-OneVision's; `budget` picks the configuration:
+    "auto" (router), "full", an int k, a tuple of layers, or a list with one of these per sample."""
+
+    # 5.x maps each tied weight to its source; 4.57 lists them
+    _tied_weights_keys = (
+        {"lm_head.weight": "model.language_model.embed_tokens.weight"} if TRANSFORMERS_V5 else ["lm_head.weight"]
+    )
+
+    def __init__(self, config: VisorConfig):
+        super().__init__(config)
+        self.model = VisorModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: VisorCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        budget=None,
+        batch_num_images: torch.LongTensor | None = None,
+        cache: VisorCache | None = None,
+        **kwargs,
+    ) -> VisorCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, budget=budget, batch_num_images=batch_num_images, cache=cache,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return VisorCausalLMOutput(
+            loss=loss, logits=logits, **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
+            self_attn_layers=outputs.self_attn_layers, router_logits=outputs.router_logits,
+        )
+
+    @torch.no_grad()
+    def route(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs) -> list[tuple[int, ...]]:
+        """The configuration the router picks for each sample, without running the layers after it."""
+        out = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
+            use_cache=False, budget="auto", route_only=True, **kwargs,
+        )
+        return out.self_attn_layers
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, **kwargs):
+        """Images are read at prefill only: drop pixel_values once the cache holds the prompt (4.57 passes
+        them at every step otherwise)."""
+        prompt_done = any(isinstance(c, VisorCache) and c.prompt is not None for c in (past_key_values, cache))
+        cache_kwargs = {"cache": cache} if cache is not None else {"past_key_values": past_key_values}
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_kwargs, **kwargs)
+        if prompt_done:
+            for name in ("pixel_values", "image_sizes", "batch_num_images"):
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    @classmethod
+    def from_llava_onevision(
+        cls, llava_model, cross_attn_layers=None, self_attn_layers=None, configurations=None, **config_overrides
+    ) -> "VisorForConditionalGeneration":
+        """Graft VISOR onto an in-memory transformers `LlavaOnevisionForConditionalGeneration`.
+
+        Every LLaVA-OneVision weight is copied unchanged (same key names); the new parts start as identity.
+        The cross-attention projections start from the same layer's self-attention projections (a warm start
+        that the zero gate keeps inert until trained).
+        """
+        config = VisorConfig.from_llava_onevision_config(
+            llava_model.config, cross_attn_layers=cross_attn_layers, self_attn_layers=self_attn_layers,
+            configurations=configurations, **config_overrides,
+        )
+        config.text_config._attn_implementation = llava_model.config.text_config._attn_implementation
+        config._attn_implementation = llava_model.config._attn_implementation
+        dtype = next(llava_model.parameters()).dtype
+        model = cls(config).to(dtype)
+        source = llava_model.state_dict()
+        target = model.state_dict()
+        missing = [k for k in source if k not in target]
+        if missing:
+            raise ValueError(f"LLaVA-OneVision keys with no place in VISOR: {missing[:5]}")
+        for key, tensor in source.items():
+            if target[key].shape != tensor.shape:
+                raise ValueError(f"{key}: shape {tuple(tensor.shape)} in LLaVA-OneVision, {tuple(target[key].shape)} in VISOR")
+        model.load_state_dict(source, strict=False)
+        for layer_idx, cross in model.model.cross_attn.items():
+            attn = model.model.language_model.layers[int(layer_idx)].self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(cross, name).load_state_dict(getattr(attn, name).state_dict())
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        return model.to(next(llava_model.parameters()).device)
+
+
+__all__ = ["VisorModel", "VisorForConditionalGeneration", "VisorPreTrainedModel", "VisorCache"]
