@@ -129,17 +129,20 @@ class VisorCPE(nn.Module):
 
     def __init__(self, hidden_size: int, kernel_size: int):
         super().__init__()
-        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, padding=kernel_size // 2, groups=hidden_size)
+        # The weights of nn.Conv1d(H, H, k, padding=k // 2, groups=H), held directly so that no generic
+        # initialisation of convolutions touches them.
+        self.weight = nn.Parameter(torch.zeros(hidden_size, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, x: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
         """x (B, N, H); image_ids (B, N), -1 for padding. Returns (B, N, H)."""
-        kernel = self.conv.kernel_size[0]
+        kernel = self.weight.shape[-1]
         half = kernel // 2
         length = x.shape[1]
-        weight = self.conv.weight[:, 0, :].to(x.dtype)  # (H, k)
+        weight = self.weight[:, 0, :].to(x.dtype)  # (H, k)
         x_pad = F.pad(x, (0, 0, half, half))  # (B, N + 2 half, H)
         ids_pad = F.pad(image_ids, (half, half), value=-1)
-        out = x + self.conv.bias.to(x.dtype)
+        out = x + self.bias.to(x.dtype)
         for j in range(kernel):  # out[t] += w[j] * x[t + j - half] when it belongs to the same image
             same_image = (ids_pad[:, j : j + length] == image_ids) & (image_ids >= 0)
             out = out + x_pad[:, j : j + length] * same_image.unsqueeze(-1).to(x.dtype) * weight[:, j]
@@ -298,8 +301,8 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
         if isinstance(module, VisorCrossAttention):
             _init.zeros_(module.gate)
         elif isinstance(module, VisorCPE):
-            _init.zeros_(module.conv.weight)
-            _init.zeros_(module.conv.bias)
+            _init.zeros_(module.weight)
+            _init.zeros_(module.bias)
 
 
 class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
@@ -657,7 +660,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         """Images are read at prefill only: drop pixel_values once the cache holds the prompt (4.57 passes
         them at every step otherwise)."""
         prompt_done = any(isinstance(c, VisorCache) and c.prompt is not None for c in (past_key_values, cache))
-        cache_kwargs = {"cache": cache} if cache is not None else {"past_key_values": past_key_values}
+        cache_kwargs = {CACHE_FIELD: cache if cache is not None else past_key_values}
         model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_kwargs, **kwargs)
         if prompt_done:
             for name in ("pixel_values", "image_sizes", "batch_num_images"):

@@ -1,0 +1,88 @@
+"""Clear errors for bad input, and the new modules checked against plain PyTorch references."""
+
+import pytest
+import torch
+
+from visor_hf import VisorConfig, VisorForConditionalGeneration
+from visor_hf.modeling_visor import VisorCPE
+from visor_hf.testing import IMAGE_TOKEN_ID, tiny_llava_onevision_config
+
+
+def test_visual_token_count_mismatch_is_an_error(visor, batch):
+    ids = batch["input_ids"].clone()
+    ids[0, -1] = IMAGE_TOKEN_ID  # one placeholder too many
+    with pytest.raises(ValueError, match="image placeholder tokens.*visual tokens"):
+        visor(**dict(batch, input_ids=ids))
+
+
+def test_placeholders_without_pixels_is_an_error(visor, batch):
+    with pytest.raises(ValueError, match="pixel_values is None"):
+        visor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        ("cheap", "budget='cheap' is not allowed"),
+        (7, "no configuration has 7 self-attention layers"),
+        ((0, 2), "not one of config.configurations"),
+        (1.5, "has type float"),
+        (True, "has type bool"),
+        ([0], "list of 1 entries for a batch of 2"),
+        ("auto", "needs a routing token"),
+    ],
+)
+def test_bad_budget_is_an_error_naming_allowed_values(visor, batch, budget, message):
+    with pytest.raises(ValueError, match=message) as error:
+        visor(**batch, budget=budget)
+    if isinstance(budget, str) and budget != "auto":
+        assert "'full'" in str(error.value) and "int k" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"cross_attn_layers": [1, 6]}, r"cross_attn_layers=\[1, 6\]: indices \[6\] are outside the allowed range 0..5"),
+        ({"self_attn_layers": [-1]}, r"self_attn_layers=\[-1\]: indices \[-1\] are outside"),
+        ({"self_attn_layers": [2, 2]}, "duplicate layer indices"),
+        ({"self_attn_layers": [1, 4], "configurations": [[1], [2]]}, r"\[2\] is not a subset of self_attn_layers"),
+        ({"cpe_kernel_size": 4}, "cpe_kernel_size=4: must be a positive odd integer"),
+    ],
+)
+def test_bad_config_is_an_error_naming_field_and_range(overrides, message):
+    llava_config = tiny_llava_onevision_config()
+    with pytest.raises(ValueError, match=message):
+        VisorConfig.from_llava_onevision_config(llava_config, **overrides)
+
+
+def test_default_placement_is_a_third_of_the_layers_spread_uniformly():
+    config = VisorConfig.from_llava_onevision_config(tiny_llava_onevision_config(num_layers=24))
+    assert config.cross_attn_layers == [2, 5, 8, 11, 14, 17, 20, 23]
+    assert config.self_attn_layers == [1, 4, 7, 10, 13, 16, 19, 22]
+    assert [len(c) for c in config.configurations] == list(range(9))
+    assert config.configurations[-1] == config.self_attn_layers
+
+
+def test_cpe_matches_a_convolution_run_on_each_image_alone():
+    torch.manual_seed(0)
+    cpe = VisorCPE(hidden_size=8, kernel_size=7)
+    torch.nn.init.normal_(cpe.weight)
+    torch.nn.init.normal_(cpe.bias)
+    # Sample 0: image 0 (5 tokens) then image 1 (9 tokens); sample 1: image 2 (6 tokens) then padding.
+    x = torch.randn(2, 14, 8)
+    image_ids = torch.tensor([[0] * 5 + [1] * 9, [2] * 6 + [-1] * 8])
+    out = cpe(x, image_ids)
+    segments = [(0, slice(0, 5)), (0, slice(5, 14)), (1, slice(0, 6))]
+    for sample, span in segments:
+        alone = x[sample, span].T.unsqueeze(0)  # (1, H, N): the image's tokens, zero-padded at its borders
+        conv = torch.nn.functional.conv1d(alone, cpe.weight, cpe.bias, padding=3, groups=8)
+        expected = x[sample, span] + conv[0].T
+        assert torch.allclose(out[sample, span], expected, atol=1e-5)
+
+
+def test_new_parts_start_as_identity():
+    config = VisorConfig.from_llava_onevision_config(tiny_llava_onevision_config())
+    model = VisorForConditionalGeneration(config)
+    for name, param in model.named_parameters():
+        if name.endswith(".gate") or ".cpe." in name:
+            assert float(param.detach().abs().max()) == 0.0, name

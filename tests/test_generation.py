@@ -1,0 +1,99 @@
+"""KV-cached generation: equal to uncached, batch equal to single, cache holds what DESIGN.md says."""
+
+import pytest
+import torch
+
+from visor_hf.testing import IMAGE_TOKEN_ID, tiny_inputs
+
+from .conftest import IMAGE_SIZES, PROMPT_LENGTHS
+
+BUDGETS = [0, 1, "full"]
+
+
+def greedy(model, inputs, budget, use_cache, new_tokens=6):
+    return model.generate(
+        **inputs, budget=budget, use_cache=use_cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+    )
+
+
+def single(inputs, i):
+    """Sample i of a left-padded batch, without its padding."""
+    keep = inputs["attention_mask"][i].bool()
+    out = {"input_ids": inputs["input_ids"][i : i + 1, keep], "attention_mask": inputs["attention_mask"][i : i + 1, keep]}
+    out["pixel_values"] = inputs["pixel_values"][i : i + 1]
+    out["image_sizes"] = inputs["image_sizes"][i : i + 1]
+    return out
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_cached_generation_equals_uncached(visor, batch, budget):
+    cached = greedy(visor, batch, budget, use_cache=True)
+    uncached = greedy(visor, batch, budget, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step_cached, step_uncached in zip(cached.scores, uncached.scores):
+        assert torch.equal(step_cached.isinf(), step_uncached.isinf())  # min_new_tokens masks EOS with -inf
+        finite = step_cached.isfinite()
+        assert (step_cached - step_uncached)[finite].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2, "full", (4,)])
+def test_batch_generates_what_each_sample_generates_alone(visor, batch, budget):
+    together = greedy(visor, batch, budget, use_cache=True).sequences
+    prompt_length = batch["input_ids"].shape[1]
+    for i in range(2):
+        alone = single(batch, i)
+        expected = greedy(visor, alone, budget, use_cache=True).sequences[0, alone["input_ids"].shape[1] :]
+        assert torch.equal(together[i, prompt_length:], expected)
+
+
+def test_mixed_budgets_in_one_batch_match_each_sample_alone(visor, batch):
+    with torch.no_grad():
+        mixed = visor(**batch, budget=[0, "full"])
+        assert mixed.self_attn_layers == [(), (1, 4)]
+        for i, budget in enumerate([0, "full"]):
+            alone = visor(**single(batch, i), budget=budget)
+            assert (mixed.logits[i, -1] - alone.logits[0, -1]).abs().max() <= 1e-4
+    sequences = greedy(visor, batch, [0, "full"], use_cache=True).sequences
+    for i, budget in enumerate([0, "full"]):
+        alone = single(batch, i)
+        expected = greedy(visor, alone, budget, use_cache=True).sequences[0, alone["input_ids"].shape[1] :]
+        assert torch.equal(sequences[i, batch["input_ids"].shape[1] :], expected)
+
+
+def test_cache_holds_text_only_outside_self_attention_layers(visor, batch):
+    with torch.no_grad():
+        out = visor(**batch, budget=1, use_cache=True)
+    cache = out.past_key_values if out.past_key_values is not None else out.cache
+    length = batch["input_ids"].shape[1]
+    num_text = int((batch["input_ids"] != IMAGE_TOKEN_ID).sum(1).max())
+    assert out.self_attn_layers == [(4,), (4,)]
+    for layer in range(6):
+        keys = cache.layers[layer].keys
+        assert keys.shape[2] == (length if layer == 4 else num_text), layer
+    # Cross-attention keys/values of the visual tokens are computed once and kept.
+    assert sorted(cache.prompt.cross_key_values) == [1, 3, 5]
+    assert cache.get_seq_length() == length
+
+
+def test_text_before_the_image_does_not_read_it(visor, llava):
+    """Causal order of cross-attention: tokens placed before the image get nothing from it."""
+    inputs = tiny_inputs(llava, [(56, 56)], [(5, 3)])
+    other = dict(inputs, pixel_values=inputs["pixel_values"] + 1.0)
+    with torch.no_grad():
+        a = visor(**inputs, budget=0).logits
+        b = visor(**other, budget=0).logits
+    assert torch.equal(a[0, :5], b[0, :5])
+    assert (a[0, -1] - b[0, -1]).abs().max() > 1e-4  # and tokens after it do read it
+
+
+def test_loss_uses_labels_like_llava(visor, batch):
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100)
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    out = visor(**batch, labels=labels, budget=1)
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    out.loss.backward()
+    assert visor.model.cross_attn["3"].gate.grad is not None
+    visor.zero_grad()
