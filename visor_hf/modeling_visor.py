@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import transformers
 from torch import nn
 from transformers import DynamicCache, GenerationMixin
@@ -100,6 +101,8 @@ def decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx: in
     hidden (B, Q, H); cos/sin (B, Q, d); allowed (B, 1, Q, K) over the layer's cached keys + these.
     """
     attn = layer.self_attn
+    device = attn.q_proj.weight.device  # with device_map="auto" consecutive layers may sit on different GPUs
+    hidden, cos, sin, allowed = hidden.to(device), cos.to(device), sin.to(device), allowed.to(device)
     batch, length, _ = hidden.shape
     residual = hidden
     hidden = layer.input_layernorm(hidden)
@@ -173,6 +176,7 @@ class VisorCrossAttention(nn.Module):
 
     def visual_key_values(self, visual: torch.Tensor, image_ids: torch.Tensor):
         """visual (B, Nv, H) -> keys, values (B, kvh, Nv, d) of CPE(V)."""
+        visual, image_ids = visual.to(self.q_proj.weight.device), image_ids.to(self.q_proj.weight.device)
         batch, length, _ = visual.shape
         visual = self.visual_norm(self.cpe(visual, image_ids))
         shape = (batch, length, self.num_key_value_heads, self.head_dim)
@@ -180,6 +184,8 @@ class VisorCrossAttention(nn.Module):
 
     def forward(self, text, key, value, allowed, implementation: str) -> torch.Tensor:
         """text (B, Q, H); key/value (B, kvh, Nv, d); allowed (B, 1, Q, Nv). Returns the updated text."""
+        device = self.q_proj.weight.device
+        text, key, value, allowed = text.to(device), key.to(device), value.to(device), allowed.to(device)
         batch, length, _ = text.shape
         query = self.q_proj(self.text_norm(text)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         out = attend(query, key, value, allowed, implementation, self.scaling).reshape(batch, length, -1)
@@ -486,6 +492,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=length,
         )
         router_logits = None
+        run_layer = decoder_layer_forward
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in language_model.modules())
+        if self.training and checkpointing:  # set by gradient_checkpointing_enable(): recompute layers in backward
+            def run_layer(*args):
+                return torch.utils.checkpoint.checkpoint(decoder_layer_forward, *args, use_reentrant=False)
 
         for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
             if layer_idx == config.router_layer and not all(routed):
@@ -499,11 +510,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 skips = is_visual & ~active[:, layer_idx : layer_idx + 1]
                 allowed = dense_allowed & ~skips[:, None, None, :]
                 dense = torch.where(is_visual.unsqueeze(-1), scatter(visual, visual_index), scatter(text, text_index))
-                dense = decoder_layer_forward(layer, dense, cos, sin, allowed, cache, layer_idx, implementation)
+                dense = run_layer(layer, dense, cos, sin, allowed, cache, layer_idx, implementation)
                 text = gather(dense, text_index)
                 visual = torch.where(active[:, layer_idx, None, None], gather(dense, visual_index), visual)
             else:
-                text = decoder_layer_forward(layer, text, text_cos, text_sin, text_allowed, cache, layer_idx, implementation)
+                text = run_layer(layer, text, text_cos, text_sin, text_allowed, cache, layer_idx, implementation)
             if has_visual and str(layer_idx) in self.cross_attn:
                 cross = self.cross_attn[str(layer_idx)]
                 key, value = cross.visual_key_values(visual, visual_image_ids)
