@@ -269,7 +269,8 @@ class VisorModelOutput(ModelOutput):
     past_key_values: VisorCache | None = None
     cache: VisorCache | None = None
     self_attn_layers: list | None = None
-    router_logits: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None  # (B, Nt, num_configurations) over the text buffer
+    routing_mask: torch.BoolTensor | None = None  # (B, Nt): which text-buffer slots hold a routing token
 
 
 @dataclass
@@ -491,7 +492,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
             dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=length,
         )
-        router_logits = None
+        router_logits = routing_mask = None
         run_layer = decoder_layer_forward
         checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in language_model.modules())
         if self.training and checkpointing:  # set by gradient_checkpointing_enable(): recompute layers in backward
@@ -500,7 +501,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
         for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
             if layer_idx == config.router_layer and not all(routed):
-                configurations, router_logits = self._route(input_ids, text_index, text, configurations)
+                configurations, router_logits, routing_mask = self._route(input_ids, text_index, text, configurations)
                 active = state.active = self._active_layers(configurations, device)
             if route_only and layer_idx >= config.router_layer:
                 break
@@ -522,7 +523,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 text = cross(text, key, value, cross_allowed, implementation)
 
         if route_only:
-            return VisorModelOutput(self_attn_layers=[tuple(c) for c in configurations], router_logits=router_logits)
+            return VisorModelOutput(
+                self_attn_layers=[tuple(c) for c in configurations], router_logits=router_logits, routing_mask=routing_mask
+            )
 
         hidden = scatter(language_model.norm(text), text_index)  # (B, S, H); placeholders hold no prediction
         if cache is not None:
@@ -546,7 +549,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             picks = choice[b][is_routing[b]]
             # Several questions: the most expensive configuration any of them asks for.
             routed[b] = tuple(config.configurations[int(picks.max())]) if picks.numel() else fallback
-        return routed, logits
+        return routed, logits, is_routing
 
     def _decode(self, input_ids, inputs_embeds, attention_mask, position_ids, cache: VisorCache) -> VisorModelOutput:
         """Continue from the cache with n new text tokens; visual tokens are only read from the cache."""
