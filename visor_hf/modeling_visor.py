@@ -654,8 +654,11 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        if labels is not None:  # num_items_in_batch (from Trainer) scales the loss right under gradient accumulation
+            loss_kwargs = {k: v for k, v in kwargs.items() if k == "num_items_in_batch" and v is not None}
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
+            )
         return VisorCausalLMOutput(
             loss=loss, logits=logits, **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
             self_attn_layers=outputs.self_attn_layers, router_logits=outputs.router_logits,
