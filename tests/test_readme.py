@@ -1,0 +1,18 @@
+"""The README's usage snippet runs as written and prints what it says."""
+
+import contextlib
+import io
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_usage_snippet_runs():
+    snippet = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    namespace, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, str(README), "exec"), namespace)
+    assert printed.getvalue().strip() == "[(4,)]"  # the comment next to the print in the README
+    tokens, inputs = namespace["tokens"], namespace["inputs"]
+    assert tokens.shape == (1, inputs["input_ids"].shape[1] + 8)
