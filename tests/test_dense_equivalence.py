@@ -58,3 +58,15 @@ def test_lower_budget_differs_from_dense(llava, batch):
         expected = llava(**batch).logits
         got = visor(**batch, budget=0).logits
     assert (got - expected).abs()[text_positions(batch)].max() > 1e-3
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_full_budget_matches_without_padding(attn_implementation):
+    """A single unpadded sample takes the plain-causal fast path of the attention."""
+    llava = tiny_llava_onevision(attn_implementation=attn_implementation)
+    inputs = tiny_inputs(llava, [(112, 56)], [(4, 6)])
+    visor = VisorForConditionalGeneration.from_llava_onevision(llava, self_attn_layers=list(range(6))).eval()
+    with torch.no_grad():
+        expected = llava(**inputs).logits
+        got = visor(**inputs).logits
+    assert (got - expected).abs()[text_positions(inputs)].max() <= 1e-4

@@ -68,21 +68,29 @@ except ImportError:  # transformers 4.57
 def attend(query, key, value, allowed, implementation: str, scaling: float) -> torch.Tensor:
     """Grouped-query attention with a boolean mask.
 
-    query (B, h, Q, d); key/value (B, kvh, K, d); allowed (B, 1, Q, K), True = may attend.
+    query (B, h, Q, d); key/value (B, kvh, K, d); allowed (B, 1, Q, K), True = may attend, or None for a
+    plain causal mask over Q == K tokens (no padding), which lets SDPA pick its fastest kernel.
     Returns (B, Q, h, d). Rows with no allowed key return zeros.
     """
+    groups = query.shape[1] // key.shape[1]
+    if allowed is None:
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(f"a plain causal mask needs as many queries as keys, got {query.shape[2]} and {key.shape[2]}")
+        if implementation != "eager":
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+            return out.transpose(1, 2)
+        allowed = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
     has_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, Q, 1)
     allowed = allowed | ~has_key  # a fully masked row would give NaN; it is zeroed below
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)  # (B, h, K, d)
-    value = value.repeat_interleave(groups, dim=1)
     if implementation == "eager":
+        key = key.repeat_interleave(groups, dim=1)  # (B, h, K, d)
+        value = value.repeat_interleave(groups, dim=1)
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         out = torch.matmul(probs, value)
     else:  # "sdpa"; flash-attention checkpoints fall back to it (masks here are not plain causal)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=groups > 1)
     out = out * has_key.to(out.dtype)
     return out.transpose(1, 2)
 
@@ -98,11 +106,13 @@ def causal_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
 def decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx: int, implementation: str):
     """Run a transformers Qwen2 decoder layer with our mask and cache (its weights, our attention call).
 
-    hidden (B, Q, H); cos/sin (B, Q, d); allowed (B, 1, Q, K) over the layer's cached keys + these.
+    hidden (B, Q, H); cos/sin (B, Q, d); allowed (B, 1, Q, K) over the layer's cached keys + these, or None
+    for a plain causal mask over the Q tokens (prefill without padding).
     """
     attn = layer.self_attn
     device = attn.q_proj.weight.device  # with device_map="auto" consecutive layers may sit on different GPUs
-    hidden, cos, sin, allowed = hidden.to(device), cos.to(device), sin.to(device), allowed.to(device)
+    hidden, cos, sin = hidden.to(device), cos.to(device), sin.to(device)
+    allowed = allowed.to(device) if allowed is not None else None
     batch, length, _ = hidden.shape
     residual = hidden
     hidden = layer.input_layernorm(hidden)
@@ -475,8 +485,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
         text, visual = gather(embeds, text_index), gather(embeds, visual_index)
         text_cos, text_sin = gather(cos, text_index), gather(sin, text_index)
-        text_allowed = causal_allowed(text_valid, num_text)  # (B, 1, Nt, Nt)
-        dense_allowed = causal_allowed(attention_mask, length)  # (B, 1, S, S)
+        # Masks: None is a plain causal mask (no padding), the fast path of SDPA.
+        text_allowed = None if bool(text_valid.all()) else causal_allowed(text_valid, num_text)  # (B, 1, Nt, Nt)
+        no_padding = bool(attention_mask.all())
         # Cross-attention keeps the dense causal order: a text token reads the images placed before it.
         cross_allowed = (visual_valid[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])).unsqueeze(1)
 
@@ -509,7 +520,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 state.dense_layers[layer_idx] = True
                 # Samples that skip this layer: their visual keys are hidden, their visual tokens kept.
                 skips = is_visual & ~active[:, layer_idx : layer_idx + 1]
-                allowed = dense_allowed & ~skips[:, None, None, :]
+                if no_padding and not bool(skips.any()):
+                    allowed = None
+                else:  # (B, 1, S, S)
+                    allowed = causal_allowed(attention_mask & ~skips, length)
                 dense = torch.where(is_visual.unsqueeze(-1), scatter(visual, visual_index), scatter(text, text_index))
                 dense = run_layer(layer, dense, cos, sin, allowed, cache, layer_idx, implementation)
                 text = gather(dense, text_index)
