@@ -276,8 +276,10 @@ class VisorModelOutput(ModelOutput):
     `past_key_values` on 4.57 (the field each line's `generate` reads). `self_attn_layers`: the configuration each sample ran."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: VisorCache | None = None
-    cache: VisorCache | None = None
+    if TRANSFORMERS_V5:  # the field each line's generate() reads the cache from
+        cache: VisorCache | None = None
+    else:
+        past_key_values: VisorCache | None = None
     self_attn_layers: list | None = None
     router_logits: torch.FloatTensor | None = None  # (B, Nt, num_configurations) over the text buffer
     routing_mask: torch.BoolTensor | None = None  # (B, Nt): which text-buffer slots hold a routing token
@@ -289,8 +291,10 @@ class VisorCausalLMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: VisorCache | None = None
-    cache: VisorCache | None = None
+    if TRANSFORMERS_V5:
+        cache: VisorCache | None = None
+    else:
+        past_key_values: VisorCache | None = None
     self_attn_layers: list | None = None
     router_logits: torch.FloatTensor | None = None
 
@@ -320,6 +324,93 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
         elif isinstance(module, VisorCPE):
             _init.zeros_(module.weight)
             _init.zeros_(module.bias)
+
+    # ---- checkpoints readable by transformers 4.57 and 5.x -----------------------------------------
+    # 5.x holds SigLIP's weights without the `vision_model.` level and also saves them that way; 4.57 then
+    # loads a random vision tower with only a warning. 5.x loads 4.57's layout, so that is the one written.
+    # The converter (visor_hf/convert_llava_ov.py) writes the same layout with the same function.
+
+    @staticmethod
+    def checkpoint_key(key: str) -> str:
+        """The on-disk name of a state-dict key: SigLIP's weights under `vision_tower.vision_model.` (4.57's layout)."""
+        head, found, tail = key.partition("vision_tower.")
+        if found and (head == "" or head.endswith(".")) and not tail.startswith("vision_model."):
+            return f"{head}vision_tower.vision_model.{tail}"
+        return key
+
+    @staticmethod
+    def make_config_portable(save_directory) -> None:
+        """Give config.json's text_config the RoPE fields of both lines: 5.x writes only `rope_parameters`, from which
+        4.57 silently falls back to rope_theta=10000; 4.57's `rope_theta`/`rope_scaling` are read by 5.x too."""
+        import json
+        import os
+
+        path = os.path.join(save_directory, "config.json")
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        text_config = config.get("text_config", {})
+        rope = text_config.get("rope_parameters")
+        if not isinstance(rope, dict) or "rope_theta" in text_config:
+            return
+        text_config["rope_theta"] = rope.get("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            text_config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, push_to_hub: bool = False, **kwargs):
+        """As transformers' `save_pretrained`, and the folder loads in both 4.57 and 5.x with `trust_remote_code=True`:
+        weights in 4.57's key layout (see `checkpoint_key`), RoPE fields of both lines in config.json, and the Hub
+        code files (configuration, modeling, processing) copied next to the weights.
+        With `push_to_hub=True` the folder is written, then uploaded in one commit by `push_to_hub`."""
+        import os
+        import shutil
+
+        hub_kwargs = {}
+        if push_to_hub:
+            for name in ("repo_id", "commit_message", "private", "token", "create_pr", "revision"):
+                if name in kwargs:
+                    hub_kwargs[name] = kwargs.pop(name)
+            if "token" in hub_kwargs:
+                kwargs["token"] = hub_kwargs["token"]
+        if state_dict is None:
+            state_dict = self.state_dict()
+        state_dict = {self.checkpoint_key(key): value for key, value in state_dict.items()}
+        if TRANSFORMERS_V5:  # the keys are final; 5.x would otherwise try to revert its load-time renamings
+            kwargs.setdefault("save_original_format", False)
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        self.make_config_portable(save_directory)
+        code_dir = os.path.dirname(os.path.abspath(__file__))
+        for name in ("configuration_visor.py", "modeling_visor.py", "processing_visor.py"):
+            source = os.path.join(code_dir, name)
+            target = os.path.join(save_directory, name)
+            if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(target):
+                shutil.copyfile(source, target)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, **hub_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As transformers' `from_pretrained`, but a weight the checkpoint lacks is an error, not a random init
+        (4.57 only warns, e.g. on a vision tower saved by 5.x without `vision_model.`). A tied `lm_head.weight` is
+        not missing."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        missing = sorted(set(info["missing_keys"]) - tied)
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks {len(missing)} weights of {cls.__name__} (they would be "
+                f"randomly initialised): {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
+                f"Unexpected keys in the checkpoint: {sorted(info['unexpected_keys'])[:10]}"
+            )
+        return (model, info) if output_loading_info else model
 
 
 class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
