@@ -297,6 +297,7 @@ class VisorCausalLMOutput(ModelOutput):
         past_key_values: VisorCache | None = None
     self_attn_layers: list | None = None
     router_logits: torch.FloatTensor | None = None
+    routing_mask: torch.BoolTensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -748,13 +749,22 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         budget=None,
         batch_num_images: torch.LongTensor | None = None,
         cache: VisorCache | None = None,
+        route_only: bool = False,
         **kwargs,
     ) -> VisorCausalLMOutput:
+        r"""budget: see the class docstring. route_only: stop after the router and return only
+        `self_attn_layers`, `router_logits` and `routing_mask` (router training goes through here, so that
+        DDP and friends see a forward of the wrapped model)."""
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-            use_cache=use_cache, budget=budget, batch_num_images=batch_num_images, cache=cache,
+            use_cache=use_cache, budget=budget, batch_num_images=batch_num_images, cache=cache, route_only=route_only,
         )
+        if route_only:
+            return VisorCausalLMOutput(
+                self_attn_layers=outputs.self_attn_layers, router_logits=outputs.router_logits,
+                routing_mask=outputs.routing_mask,
+            )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
@@ -772,7 +782,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def route(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs) -> list[tuple[int, ...]]:
         """The configuration the router picks for each sample, without running the layers after it."""
-        out = self.model(
+        out = self(
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
             use_cache=False, budget="auto", route_only=True, **kwargs,
         )
