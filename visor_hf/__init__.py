@@ -2,5 +2,6 @@
 
 from .configuration_visor import VisorConfig
 from .modeling_visor import VisorCache, VisorForConditionalGeneration, VisorModel
+from .processing_visor import VisorProcessor
 
-__all__ = ["VisorConfig", "VisorForConditionalGeneration", "VisorModel", "VisorCache"]
+__all__ = ["VisorConfig", "VisorForConditionalGeneration", "VisorModel", "VisorCache", "VisorProcessor"]

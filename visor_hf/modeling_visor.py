@@ -340,9 +340,22 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
         return key
 
     @staticmethod
+    def portable_text_config(config: dict) -> bool:
+        """Give a config dict's text_config the RoPE fields of both lines, in place: 5.x writes only `rope_parameters`,
+        from which 4.57 silently falls back to rope_theta=10000; 4.57's `rope_theta`/`rope_scaling` are read by 5.x
+        too. Returns whether anything was added."""
+        text_config = config.get("text_config") or {}
+        rope = text_config.get("rope_parameters")
+        if not isinstance(rope, dict) or "rope_theta" in text_config:
+            return False
+        text_config["rope_theta"] = rope.get("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            text_config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        return True
+
+    @staticmethod
     def make_config_portable(save_directory) -> None:
-        """Give config.json's text_config the RoPE fields of both lines: 5.x writes only `rope_parameters`, from which
-        4.57 silently falls back to rope_theta=10000; 4.57's `rope_theta`/`rope_scaling` are read by 5.x too."""
+        """`portable_text_config` applied to the config.json of `save_directory`."""
         import json
         import os
 
@@ -351,16 +364,10 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
             return
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-        text_config = config.get("text_config", {})
-        rope = text_config.get("rope_parameters")
-        if not isinstance(rope, dict) or "rope_theta" in text_config:
-            return
-        text_config["rope_theta"] = rope.get("rope_theta")
-        if rope.get("rope_type", "default") != "default":
-            text_config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+        if VisorPreTrainedModel.portable_text_config(config):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
 
     def save_pretrained(self, save_directory, *args, state_dict=None, push_to_hub: bool = False, **kwargs):
         """As transformers' `save_pretrained`, and the folder loads in both 4.57 and 5.x with `trust_remote_code=True`:

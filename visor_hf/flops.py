@@ -1,0 +1,436 @@
+"""Analytical FLOPs and KV-cache bytes of one prefill, for VISOR and for dense LLaVA-OneVision.
+
+Convention (the same for every function here, and what `tests/test_flops.py` checks against
+`torch.utils.flop_counter.FlopCounterMode` on models run with `attn_implementation="eager"`):
+
+- 2 FLOPs per multiply-add of every matrix product: the q/k/v/o projections with grouped-query heads
+  (k and v project to `num_key_value_heads * head_dim`), QK^T and AV per query head, the three SwiGLU
+  matrices of the MLP, the lm_head, SigLIP's patch convolution, attention and two-matrix MLP, and the
+  projector. Bias additions are not counted (neither does `FlopCounterMode` for `addmm`).
+- No causal halving: attention scores are the full N x N (N queries x N keys) product, as eager attention
+  and `FlopCounterMode` compute them.
+- Element-wise work is excluded: RMSNorm/LayerNorm, rotary embeddings, softmax, activations, residual
+  adds, the tanh gates, the anyres packing and its interpolation. They are a fraction of a percent.
+- One exception, because it is a convolution: VISOR's CPE, a depth-wise conv of kernel k over the visual
+  tokens, costs 2 * k * H per visual token and cross-attention layer. It is in the totals and in the
+  breakdown as `cpe`; the model computes it with element-wise ops, which `FlopCounterMode` does not see.
+- lm_head: counted on `lm_head="last"` positions by default, the one position `generate` needs at prefill
+  (`logits_to_keep=1` in both models). `lm_head="all"` counts every position of the dense sequence
+  (N_v + N_t: both LLaVA-OneVision's and VISOR's `forward` return logits in the dense layout when
+  `logits_to_keep=0`); `lm_head="none"` leaves it out (as FastV-style counts do).
+- Counts are per sample (batch size 1, no padding). The router MLP (budget "auto") is added with
+  `router=True`: it reads every text token.
+
+Where the work goes:
+
+- Vision encoder = SigLIP (every layer of `vision_config`: LLaVA-OneVision runs them all and then picks a
+  hidden state) plus the two-layer projector, on `num_crops` crops of `(image_size / patch_size)^2` tokens.
+  The number of crops is not a function of the visual-token count (anyres unpads and adds newline tokens),
+  so pass `num_crops` (`num_crops_for_image` gives it for an image size); by default it is
+  `round(num_vision_tokens / tokens_per_crop)`, which is exact for anyres grids that need no unpadding
+  (1,485 tokens = 2 crops; 7,371 = 10 crops) and for `crops * 729` token counts.
+- Dense LLM: every layer runs on N = N_v + N_t tokens.
+- VISOR LLM: a layer of the sample's configuration S runs on N_v + N_t tokens, every other layer on the N_t
+  text tokens. Each cross-attention layer adds the q and o projections of the text, the k and v projections
+  of the N_v visual tokens (computed once per prompt), QK^T and AV between N_t queries and N_v keys, and
+  the CPE.
+
+Usage:
+    from visor_hf.flops import count_flops, kv_cache_bytes
+    flops = count_flops(config, num_vision_tokens=2916, num_text_tokens=64, budget=2)
+    flops["dense"]["llm"] / flops["visor"]["llm"]   # FLOPs ratio of the language model
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .configuration_visor import BUDGET_HELP, VisorConfig
+
+LM_HEAD_CHOICES = ("last", "all", "none")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------------
+
+
+def as_visor_config(config) -> VisorConfig:
+    """A `VisorConfig` as is; a `LlavaOnevisionConfig` with VISOR's default placement (L/3 + L/3 layers)."""
+    if isinstance(config, VisorConfig) or hasattr(config, "cross_attn_layers"):
+        return config
+    return VisorConfig.from_llava_onevision_config(config)
+
+
+def resolve_configuration(config, budget) -> tuple[int, ...]:
+    """The self-attention layers a fixed `budget` runs, with `VisorModel.resolve_budget`'s semantics.
+
+    "full": all `self_attn_layers`; int k: the (first) configuration with k layers; a tuple: one of
+    `config.configurations` (or all `self_attn_layers`). "auto" depends on the router: pass the configuration
+    it chose (the model output's `self_attn_layers`).
+    """
+    config = as_visor_config(config)
+    configurations = [tuple(c) for c in config.configurations]
+    if isinstance(budget, str):
+        if budget == "full":
+            return tuple(config.self_attn_layers)
+        if budget == "auto":
+            raise ValueError(
+                "budget='auto': the router picks the configuration per sample; pass the configuration it chose "
+                "(e.g. budget=tuple(output.self_attn_layers[i])) or use describe_cost(..., self_attn_layers=...)"
+            )
+        raise ValueError(f"budget={budget!r} is not allowed: use {BUDGET_HELP}")
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        for configuration in configurations:
+            if len(configuration) == budget:
+                return configuration
+        counts = sorted({len(c) for c in configurations})
+        raise ValueError(f"budget={budget}: no configuration has {budget} self-attention layers; allowed: {counts}")
+    if isinstance(budget, list):
+        raise ValueError(f"budget={budget}: a list holds one budget per sample; count each sample (or use describe_cost)")
+    if isinstance(budget, tuple):
+        layers = tuple(sorted(budget))
+        if layers in configurations or layers == tuple(config.self_attn_layers):
+            return layers
+        raise ValueError(f"budget={budget}: not one of config.configurations {configurations}")
+    raise ValueError(f"budget={budget!r} has type {type(budget).__name__}: use {BUDGET_HELP}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks (FLOPs of one sample)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextDims:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layers: int
+
+    @classmethod
+    def of(cls, text_config) -> "TextDims":
+        heads = text_config.num_attention_heads
+        return cls(
+            hidden=text_config.hidden_size,
+            intermediate=text_config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+            vocab=text_config.vocab_size,
+            layers=text_config.num_hidden_layers,
+        )
+
+
+def decoder_layer_flops(dims: TextDims, num_tokens: int) -> dict[str, int]:
+    """One Qwen2 decoder layer on `num_tokens` tokens that attend to each other (full N x N scores)."""
+    n, h, d = num_tokens, dims.hidden, dims.head_dim
+    return {
+        "attn_proj": 2 * n * h * (dims.heads * d) * 2 + 2 * n * h * (dims.kv_heads * d) * 2,  # q, o; k, v
+        "attn_scores": 2 * 2 * dims.heads * n * n * d,  # QK^T and AV
+        "mlp": 2 * n * h * dims.intermediate * 3,  # SwiGLU: gate, up, down
+    }
+
+
+def cross_attention_flops(dims: TextDims, num_text: int, num_visual: int, cpe_kernel_size: int) -> dict[str, int]:
+    """One VISOR cross-attention: text queries (q, o), visual keys/values (k, v of CPE(V)), scores, CPE."""
+    h, d = dims.hidden, dims.head_dim
+    return {
+        "cross_text_proj": 2 * num_text * h * (dims.heads * d) * 2,  # q and o
+        "cross_visual_kv": 2 * num_visual * h * (dims.kv_heads * d) * 2,  # k and v, once per prompt
+        "cross_scores": 2 * 2 * dims.heads * num_text * num_visual * d,
+        "cpe": 2 * cpe_kernel_size * h * num_visual,
+    }
+
+
+def tokens_per_crop(config) -> int:
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def num_crops_for_image(config, image_size) -> int:
+    """Crops LLaVA-OneVision's anyres makes of one image of `image_size` (H, W): the grid plus the base crop."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    return int(image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, config.vision_config.image_size))
+
+
+def default_num_crops(config, num_vision_tokens: int) -> int:
+    if num_vision_tokens <= 0:
+        return 0
+    return max(1, round(num_vision_tokens / tokens_per_crop(config)))
+
+
+def vision_encoder_flops(config, num_crops: int) -> dict[str, int]:
+    """SigLIP (all layers) and the projector on `num_crops` crops."""
+    vision = config.vision_config
+    tokens = tokens_per_crop(config)
+    hv, iv, patch = vision.hidden_size, vision.intermediate_size, vision.patch_size
+    channels = getattr(vision, "num_channels", 3)
+    feature_layers = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [0]
+    projected = tokens - 1 if config.vision_feature_select_strategy == "default" else tokens  # "default" drops CLS
+    hidden = config.text_config.hidden_size
+    per_crop = {
+        "patch_embed": 2 * tokens * hv * channels * patch * patch,
+        "siglip_layers": vision.num_hidden_layers * (2 * tokens * hv * hv * 4 + 2 * 2 * tokens * tokens * hv + 2 * tokens * hv * iv * 2),
+        "projector": 2 * projected * hv * len(feature_layers) * hidden + 2 * projected * hidden * hidden,
+    }
+    return {name: num_crops * value for name, value in per_crop.items()}
+
+
+def _lm_head_positions(lm_head: str, num_tokens: int) -> int:
+    if lm_head not in LM_HEAD_CHOICES:
+        raise ValueError(f"lm_head={lm_head!r}: use one of {LM_HEAD_CHOICES}")
+    return {"last": 1 if num_tokens else 0, "all": num_tokens, "none": 0}[lm_head]
+
+
+def _add(total: dict[str, int], part: dict[str, int]) -> None:
+    for name, value in part.items():
+        total[name] = total.get(name, 0) + value
+
+
+def _summary(vision: dict[str, int], llm: dict[str, int]) -> dict:
+    vision_total, llm_total = sum(vision.values()), sum(llm.values())
+    return {
+        "vision_encoder": vision_total, "llm": llm_total, "total": vision_total + llm_total,
+        "breakdown": {**vision, **llm},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def count_flops(
+    config, num_vision_tokens: int, num_text_tokens: int, budget="full", num_crops: int | None = None,
+    lm_head: str = "last", router: bool = False,
+) -> dict:
+    """FLOPs of one prefill of one sample, VISOR and dense LLaVA-OneVision (convention: module docstring).
+
+    Args:
+        config: a `VisorConfig` (or a `LlavaOnevisionConfig`, which gets VISOR's default placement).
+        num_vision_tokens: N_v, visual tokens after anyres packing (what the image placeholders count).
+        num_text_tokens: N_t, the other tokens of the prompt.
+        budget: "full", an int k, or a tuple of layers (one of `config.configurations`), as the model takes.
+        num_crops: crops the vision encoder runs on; default `round(N_v / tokens_per_crop)`.
+        lm_head: "last" (default), "all" or "none": positions the lm_head is counted on.
+        router: add the router MLP (what budget="auto" runs, on every text token).
+
+    Returns:
+        {"visor": {...}, "dense": {...}, "self_attn_layers": S, "flops_ratio": dense / visor (LLM)} where each
+        model entry holds "vision_encoder", "llm", "total" and a "breakdown" by part.
+    """
+    config = as_visor_config(config)
+    dims = TextDims.of(config.text_config)
+    configuration = resolve_configuration(config, budget)
+    num_crops = default_num_crops(config, num_vision_tokens) if num_crops is None else num_crops
+    num_visual, num_text = int(num_vision_tokens), int(num_text_tokens)
+    num_tokens = num_visual + num_text
+    vision = vision_encoder_flops(config, num_crops) if num_visual else {}
+    head = {"lm_head": 2 * _lm_head_positions(lm_head, num_tokens) * dims.hidden * dims.vocab}
+
+    dense: dict[str, int] = {}
+    for _ in range(dims.layers):
+        _add(dense, decoder_layer_flops(dims, num_tokens))
+    _add(dense, head)
+
+    visor: dict[str, int] = {}
+    for layer in range(dims.layers):
+        runs_visual = layer in configuration and num_visual > 0
+        _add(visor, decoder_layer_flops(dims, num_tokens if runs_visual else num_text))
+        if layer in config.cross_attn_layers and num_visual > 0:
+            _add(visor, cross_attention_flops(dims, num_text, num_visual, config.cpe_kernel_size))
+    _add(visor, head)
+    if router:
+        visor["router"] = 2 * num_text * (dims.hidden * config.router_hidden_size + config.router_hidden_size * len(config.configurations))
+
+    result = {"visor": _summary(vision, visor), "dense": _summary(vision, dense), "self_attn_layers": configuration}
+    result["flops_ratio"] = result["dense"]["llm"] / max(1, result["visor"]["llm"])
+    return result
+
+
+def fastv_style_flops(config, num_vision_tokens: int, num_text_tokens: int, budget="full") -> dict[str, float]:
+    """The language-model count token-reduction papers quote, for dense and for VISOR's configuration.
+
+    FastV (Chen et al., ECCV 2024, "An Image is Worth 1/2 Tokens After Layer 2", sec. 4) counts a layer on n
+    tokens as 4nd^2 + 2n^2d + 2ndm (d hidden size, m FFN size) and the model as the sum over layers; DivPrune's
+    `tflops.py` uses the same T * (4nd^2 + 2n^2d + 2ndm) (see shared/notes/token-reduction.md, sec. 5). Read
+    literally, that is one FLOP per multiply-add, multi-head attention with full-size k/v projections, a
+    two-matrix FFN and no lm_head or vision encoder, so it is roughly half of `count_flops`' LLM figure.
+    VISOR's cross-attention layers are counted in the same convention: 2*N_t*d^2 (q, o) + 2*N_v*d^2 (k, v) +
+    2*N_t*N_v*d (scores); the CPE is left out.
+    """
+    config = as_visor_config(config)
+    d, m = config.text_config.hidden_size, config.text_config.intermediate_size
+    configuration = resolve_configuration(config, budget)
+    num_visual, num_text = int(num_vision_tokens), int(num_text_tokens)
+
+    def layer(n: int) -> float:
+        return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
+
+    layers = config.text_config.num_hidden_layers
+    dense = layers * layer(num_visual + num_text)
+    visor = sum(layer(num_visual + num_text if i in configuration and num_visual else num_text) for i in range(layers))
+    if num_visual:
+        cross = 2 * num_text * d**2 + 2 * num_visual * d**2 + 2 * num_text * num_visual * d
+        visor += len(config.cross_attn_layers) * cross
+    return {"dense": dense, "visor": visor, "flops_ratio": dense / max(1, visor)}
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes of one element of a torch dtype or its name ("bfloat16", "float32", ...)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_bytes(config, num_vision_tokens: int, num_text_tokens: int, budget="full", dtype=torch.bfloat16) -> dict:
+    """Bytes of the keys and values cached after the prefill of one sample, VISOR and dense.
+
+    Dense: every layer caches N_v + N_t tokens. VISOR (DESIGN.md): a text-only layer caches the N_t text tokens,
+    a layer of the configuration S caches N_v + N_t, and each cross-attention layer caches the keys/values of
+    the N_v visual tokens once. So VISOR's visual part is (|S| + |C|) / L of dense's and the text part equal.
+    Each entry: {"visual", "text", "total"} in bytes; grows by `per_token_per_layer` * L per decoded token.
+    """
+    config = as_visor_config(config)
+    dims = TextDims.of(config.text_config)
+    configuration = resolve_configuration(config, budget)
+    per_token = 2 * dims.kv_heads * dims.head_dim * dtype_bytes(dtype)  # keys + values of one token in one layer
+    num_visual, num_text = int(num_vision_tokens), int(num_text_tokens)
+    visual_layers = (len(configuration) + len(config.cross_attn_layers)) if num_visual else 0
+
+    def entry(visual_token_layers: int) -> dict[str, int]:
+        visual, text = per_token * visual_token_layers, per_token * num_text * dims.layers
+        return {"visual": visual, "text": text, "total": visual + text}
+
+    return {
+        "visor": entry(num_visual * visual_layers), "dense": entry(num_visual * dims.layers),
+        "self_attn_layers": configuration, "per_token_per_layer": per_token,
+    }
+
+
+def cache_nbytes(cache) -> dict[str, int]:
+    """Bytes of keys and values a filled cache holds (a `DynamicCache`, or a `VisorCache` with its cross-attention
+    keys/values in `cache.prompt`): {"layers", "cross_attn", "total"}. The measured counterpart of `kv_cache_bytes`."""
+
+    def nbytes(tensor) -> int:
+        return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+    layers = sum(nbytes(getattr(layer, "keys", None)) + nbytes(getattr(layer, "values", None)) for layer in cache.layers)
+    prompt = getattr(cache, "prompt", None)
+    cross = sum(nbytes(k) + nbytes(v) for k, v in prompt.cross_key_values.values()) if prompt is not None else 0
+    return {"layers": layers, "cross_attn": cross, "total": layers + cross}
+
+
+# --------------------------------------------------------------------------------------------------
+# What a call cost
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleCost:
+    """FLOPs of one sample's prefill as it would run alone (no padding)."""
+
+    self_attn_layers: tuple[int, ...]
+    num_vision_tokens: int
+    num_text_tokens: int
+    num_crops: int
+    visor: dict
+    dense: dict
+
+    @property
+    def llm_ratio(self) -> float:
+        """Dense / VISOR FLOPs of the language model."""
+        return self.dense["llm"] / max(1, self.visor["llm"])
+
+    @property
+    def total_ratio(self) -> float:
+        """Dense / VISOR FLOPs including the (shared) vision encoder."""
+        return self.dense["total"] / max(1, self.visor["total"])
+
+
+@dataclass
+class CostReport:
+    samples: list[SampleCost]
+
+    def __str__(self) -> str:
+        lines = [
+            "sample | self-attention layers | N_v | N_t | crops | VISOR LLM GFLOPs | dense LLM GFLOPs | LLM ratio | total ratio",
+            "--- | --- | --- | --- | --- | --- | --- | --- | ---",
+        ]
+        for i, s in enumerate(self.samples):
+            lines.append(
+                f"{i} | {s.self_attn_layers} | {s.num_vision_tokens} | {s.num_text_tokens} | {s.num_crops} | "
+                f"{s.visor['llm'] / 1e9:.4g} | {s.dense['llm'] / 1e9:.4g} | {s.llm_ratio:.1f}x | {s.total_ratio:.1f}x"
+            )
+        return "\n".join(lines)
+
+
+def describe_cost(model_or_config, inputs: dict, budget=None, self_attn_layers=None, lm_head: str = "last") -> CostReport:
+    """Per-sample configuration and FLOPs relative to dense LLaVA-OneVision for a VISOR call.
+
+    `inputs` are the model's inputs (input_ids, attention_mask, image_sizes, batch_num_images as LLaVA-OV takes
+    them). Pass the `self_attn_layers` of the output (`model(**inputs, budget=...)` returns one tuple per sample)
+    to report what ran, which is required for budget="auto" (its router cost is then added); otherwise the
+    configuration comes from `budget` (a fixed budget or a list with one per sample; default
+    `config.default_budget`). Each sample is counted as it would run alone: a batch mixing configurations
+    runs the union of their layers on padded buffers, so its wall time follows the most expensive sample.
+    """
+    config = as_visor_config(getattr(model_or_config, "config", model_or_config))
+    input_ids = inputs["input_ids"]
+    batch = input_ids.shape[0]
+    attention_mask = inputs.get("attention_mask")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    is_visual = (input_ids == config.image_token_id) & valid
+    budget = config.default_budget if budget is None else budget
+    budgets = budget if isinstance(budget, list) else [budget] * batch
+    if len(budgets) != batch:
+        raise ValueError(f"budget is a list of {len(budgets)} entries for a batch of {batch} samples")
+    if self_attn_layers is not None and len(self_attn_layers) != batch:
+        raise ValueError(f"self_attn_layers has {len(self_attn_layers)} entries for a batch of {batch} samples")
+
+    crops = _crops_per_sample(config, inputs, [bool(is_visual[b].any()) for b in range(batch)])
+    samples = []
+    for b in range(batch):
+        num_visual, num_text = int(is_visual[b].sum()), int((valid[b] & ~is_visual[b]).sum())
+        configuration = tuple(self_attn_layers[b]) if self_attn_layers is not None else budgets[b]
+        flops = count_flops(
+            config, num_visual, num_text, budget=configuration, num_crops=crops[b] if num_visual else 0,
+            lm_head=lm_head, router=budgets[b] == "auto",
+        )
+        samples.append(SampleCost(flops["self_attn_layers"], num_visual, num_text, crops[b], flops["visor"], flops["dense"]))
+    return CostReport(samples)
+
+
+def _crops_per_sample(config, inputs: dict, has_image: list[bool]) -> list[int]:
+    """Crops the vision encoder runs on per sample, as LLaVA-OneVision's `get_image_features` decides them:
+    anyres crops for a sample with one image, one crop per image for a sample with several. Without
+    `batch_num_images`, images go one each to the samples holding image placeholders, in order."""
+    image_sizes = inputs.get("image_sizes")
+    if image_sizes is None or inputs.get("pixel_values") is None:
+        return [0] * len(has_image)
+    image_sizes = [tuple(int(x) for x in size) for size in image_sizes]
+    if inputs.get("batch_num_images") is not None:
+        images_per_sample = [int(n) for n in inputs["batch_num_images"]]
+    else:
+        images_per_sample = [int(h) for h in has_image]
+    if sum(images_per_sample) > len(image_sizes):
+        raise ValueError(f"{sum(images_per_sample)} images expected from the prompts, {len(image_sizes)} image_sizes given")
+    crops, start = [], 0
+    for count in images_per_sample:
+        sizes = image_sizes[start : start + count]
+        crops.append(num_crops_for_image(config, sizes[0]) if count == 1 else count)
+        start += count
+    return crops
+
+
+__all__ = [
+    "count_flops", "fastv_style_flops", "kv_cache_bytes", "cache_nbytes", "describe_cost", "resolve_configuration",
+    "num_crops_for_image", "vision_encoder_flops", "CostReport", "SampleCost",
+]
