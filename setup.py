@@ -7,7 +7,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["visor_hf", "visor_hf.*"]),
-    entry_points={"console_scripts": ["visor-convert=visor_hf.convert_llava_ov:main"]},
+    entry_points={
+        "console_scripts": ["visor-convert=visor_hf.convert_llava_ov:main", "visor-train=visor_hf.train:main"]
+    },
     python_requires=">=3.10",
     # torch is not pinned here: install it first (see README), or pip pulls a multi-GB CUDA build.
     install_requires=[
