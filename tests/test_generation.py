@@ -10,10 +10,10 @@ from .conftest import IMAGE_SIZES, PROMPT_LENGTHS
 BUDGETS = [0, 1, "full"]
 
 
-def greedy(model, inputs, budget, use_cache, new_tokens=6):
+def greedy(model, inputs, budget, use_cache, new_tokens=6, **kwargs):
     return model.generate(
         **inputs, budget=budget, use_cache=use_cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+        do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kwargs,
     )
 
 

@@ -216,3 +216,15 @@ def test_two_process_universal_run_ends_with_identical_weights(workspace, tmp_pa
     assert (out / "config.json").exists()
     before = load(workspace / "visor").state_dict()["model.language_model.layers.2.mlp.down_proj.weight"]
     assert not torch.equal(before, load(out).state_dict()["model.language_model.layers.2.mlp.down_proj.weight"])
+
+
+def test_stage1_trains_a_visor_tr_packing_layer(workspace, tmp_path):
+    out = tmp_path / "packed"
+    train_main(["stage1", *args(workspace, workspace / "visor", "--output_dir", str(out), "--max_steps", "2",
+                                "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+                                "--token_reduction", "pack", "--pack_factor", "2", *COMMON)])
+    model = load(out)
+    assert model.config.token_reduction == {"method": "pack", "pack_factor": 2, "keep_ratio": 0.5}
+    hidden = model.config.text_config.hidden_size
+    mean_init = torch.eye(hidden).repeat(1, 2) / 2
+    assert not torch.equal(model.model.token_packer.weight, mean_init)  # it learnt

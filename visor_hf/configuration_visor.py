@@ -52,6 +52,57 @@ def spread_layers(count: int, num_layers: int, last: bool) -> list[int]:
     return sorted({int((i + 0.5) * step) for i in range(count)})
 
 
+TOKEN_REDUCTION_METHODS = ("pack", "visionzip", "vispruner")
+TOKEN_REDUCTION_DEFAULTS = {
+    "pack": {},
+    # VisionZip keeps dominant : contextual tokens at 54 : 10; scores from SigLIP's penultimate layer.
+    "visionzip": {"dominant_fraction": 54 / 64, "score_layer": -2},
+    # VisPruner keeps important : diverse tokens at 1 : 1 by default.
+    "vispruner": {"important_fraction": 0.5, "score_layer": -2},
+}
+
+
+def validate_token_reduction(setting) -> dict | None:
+    """A token-reduction setting in its full form, or None for no reduction.
+
+    Accepted: None, "none" or False (no reduction); a dict with "method" in TOKEN_REDUCTION_METHODS and either
+    "keep_ratio" in (0, 1] or, for "pack", "pack_factor" k >= 1 (keep ratio 1/k); method-specific fields get their
+    defaults (visionzip: dominant_fraction, score_layer; vispruner: important_fraction, score_layer).
+    A keep ratio of 1 means no reduction.
+    """
+    if setting is None or setting is False or setting == "none":
+        return None
+    if not isinstance(setting, dict):
+        raise ValueError(
+            f"token_reduction={setting!r}: use None/'none' or a dict like {{'method': 'visionzip', 'keep_ratio': 0.25}}"
+        )
+    method = setting.get("method")
+    if method not in TOKEN_REDUCTION_METHODS:
+        raise ValueError(f"token_reduction method={method!r}: allowed methods are {TOKEN_REDUCTION_METHODS}")
+    full = {**TOKEN_REDUCTION_DEFAULTS[method], **setting}
+    allowed_keys = {"method", "keep_ratio", *(["pack_factor"] if method == "pack" else []), *TOKEN_REDUCTION_DEFAULTS[method]}
+    unknown = sorted(set(full) - allowed_keys)
+    if unknown:
+        raise ValueError(f"token_reduction: unknown fields {unknown} for method {method!r}; allowed: {sorted(allowed_keys)}")
+    if method == "pack":
+        factor = full.get("pack_factor")
+        if factor is None:
+            ratio = full.get("keep_ratio")
+            if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ValueError(f"token_reduction keep_ratio={ratio!r}: must be in (0, 1]")
+            factor = round(1 / ratio)
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+            raise ValueError(f"token_reduction pack_factor={factor!r}: must be an integer >= 1")
+        full["pack_factor"], full["keep_ratio"] = factor, 1 / factor
+    ratio = full.get("keep_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"token_reduction keep_ratio={ratio!r}: must be in (0, 1]")
+    for name in ("dominant_fraction", "important_fraction"):
+        if name in full and not 0 <= full[name] <= 1:
+            raise ValueError(f"token_reduction {name}={full[name]!r}: must be in [0, 1]")
+    return None if ratio == 1 else full
+
+
 def spread_subset(layers: list[int], k: int) -> tuple[int, ...]:
     """The evenly spread subset of `k` elements of the sorted `layers`."""
     if k == 0:
@@ -86,6 +137,10 @@ class VisorConfig(PretrainedConfig):
             Id of the routing token the processor appends after each question (set by the converter).
         router_hidden_size (`int`, *optional*):
             Hidden width of the router MLP; defaults to the language model's hidden size // 4.
+        token_reduction (`dict`, *optional*):
+            Default token reduction of the visual tokens before the decoder (see `validate_token_reduction`),
+            e.g. `{"method": "pack", "pack_factor": 2}` (VISOR-TR, needs a trained packing layer) or
+            `{"method": "visionzip", "keep_ratio": 0.25}`. Overridable per call like `budget`.
     """
 
     model_type = "visor"
@@ -117,6 +172,7 @@ class VisorConfig(PretrainedConfig):
         default_budget: str | int = "full",
         routing_token_id: int | None = None,
         router_hidden_size: int | None = None,
+        token_reduction: dict | None = None,
         **kwargs,
     ):
         if isinstance(vision_config, dict):
@@ -154,6 +210,7 @@ class VisorConfig(PretrainedConfig):
         self.default_budget = default_budget
         self.routing_token_id = routing_token_id
         self.router_hidden_size = router_hidden_size or max(1, text_config.hidden_size // 4)
+        self.token_reduction = validate_token_reduction(token_reduction)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()

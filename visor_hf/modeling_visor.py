@@ -45,11 +45,12 @@ from transformers import DynamicCache, GenerationMixin
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
     LlavaOnevisionPreTrainedModel,
+    image_size_to_num_patches,
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 from transformers.utils import ModelOutput
 
-from .configuration_visor import BUDGET_HELP, VisorConfig
+from .configuration_visor import BUDGET_HELP, VisorConfig, validate_token_reduction
 
 TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 CACHE_FIELD = "cache" if TRANSFORMERS_V5 else "past_key_values"  # where generate() looks for the cache
@@ -216,6 +217,139 @@ class VisorRouter(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# Token reduction (VISOR-TR packing and training-free pruning). The paper's supplement that describes
+# VISOR-TR is not available: this is our design. Reduction runs per image on the projector's output,
+# keeps image_newline tokens, and keeps every surviving token at its original position.
+# --------------------------------------------------------------------------------------------------
+
+
+class VisorTokenPacker(nn.Module):
+    """VISOR-TR: concatenate k consecutive visual tokens along channels and project back to the model width.
+
+    Starts as the mean of each group (weight = [I/k ... I/k]); trained with the stage1/universal commands.
+    """
+
+    def __init__(self, hidden_size: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        # nn.Linear(k * H, H, bias=False)'s weight, held directly so that no generic initialisation touches it
+        self.weight = nn.Parameter(torch.eye(hidden_size).repeat(1, factor) / factor)
+
+    def reset_to_mean(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.weight.shape[0]).repeat(1, self.factor) / self.factor)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (N, H) of one row -> packed (ceil(N / k), H) and the position (index) of each group's first token.
+        The last group is padded by repeating the row's last token."""
+        length = tokens.shape[0]
+        groups = -(-length // self.factor)
+        padded = torch.cat([tokens, tokens[-1:].expand(groups * self.factor - length, -1)])
+        packed = F.linear(padded.reshape(groups, -1).to(self.weight.dtype), self.weight).to(tokens.dtype)
+        return packed, torch.arange(groups, device=tokens.device) * self.factor
+
+
+def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def select_visionzip(features, scores, keep: int, dominant_fraction: float):
+    """VisionZip on one segment: the `dominant` tokens that receive most attention, plus contextual tokens made by
+    merging every other token into the most similar of evenly spaced targets (mean of each target's group).
+    Similarity is the cosine of the projected features. Returns (features (keep, H), positions (keep,)), sorted."""
+    length = features.shape[0]
+    dominant_count = keep if keep < 2 else max(1, round(keep * dominant_fraction))
+    context_count = keep - dominant_count
+    dominant = torch.topk(scores, dominant_count).indices
+    rest = torch.ones(length, dtype=torch.bool, device=features.device)
+    rest[dominant] = False
+    rest = torch.nonzero(rest).flatten()
+    kept_features, positions = [features[dominant]], [dominant]
+    if context_count > 0 and rest.numel() > 0:
+        stride = max(1, rest.numel() // context_count)
+        targets = rest[::stride][:context_count]
+        assignment = cosine_similarity_matrix(features[rest], features[targets]).argmax(-1)  # (R,)
+        sums = torch.zeros(len(targets), features.shape[1], dtype=torch.float32, device=features.device)
+        sums.index_add_(0, assignment, features[rest].float())
+        counts = torch.bincount(assignment, minlength=len(targets)).clamp(min=1).unsqueeze(-1)
+        kept_features.append((sums / counts).to(features.dtype))
+        positions.append(targets)
+    return sort_by_position(torch.cat(kept_features), torch.cat(positions))
+
+
+def select_vispruner(features, scores, keep: int, important_fraction: float):
+    """VisPruner on one segment: the important tokens (most attention received), plus diverse tokens chosen from the
+    rest by repeatedly dropping the most duplicated ones (ToMe-style alternate split, at most 8 a step)."""
+    important_count = min(keep, int(keep * important_fraction))
+    order = torch.argsort(scores, descending=True)
+    important, rest = order[:important_count], order[important_count:]
+    diverse_count = keep - important_count
+    while rest.numel() > diverse_count:
+        a, b = rest[::2], rest[1::2]
+        if b.numel() == 0:
+            rest = rest[:diverse_count]
+            break
+        duplication = cosine_similarity_matrix(features[a], features[b]).max(-1).values
+        drop = min(8, rest.numel() - diverse_count, a.numel())
+        dropped = a[torch.topk(duplication, drop).indices]
+        rest = rest[~torch.isin(rest, dropped)]
+    positions = torch.cat([important, rest])
+    return sort_by_position(features[positions], positions)
+
+
+def sort_by_position(features, positions):
+    order = torch.argsort(positions)
+    return features[order], positions[order]
+
+
+def compact_kept_tokens(is_visual: torch.Tensor, kept: list[torch.Tensor]):
+    """Shorten a batch of prompts to the tokens that survive reduction (all text, the kept visual tokens).
+
+    is_visual (B, S); kept: per image, in placeholder order, a bool mask over its tokens. Returns the index of each
+    surviving token in the original layout (B, S') and which of the S' slots hold one. Shorter prompts start with
+    empty slots, like left padding, so that the last slot is the last token of every prompt.
+    """
+    keep = (~is_visual).masked_scatter(is_visual, torch.cat(kept).to(is_visual.device))
+    length = int(keep.sum(1).max())
+    restore_index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - length :]
+    return restore_index, keep.gather(1, restore_index)
+
+
+def reduce_image_tokens(features, is_newline, scores, base_length: int, setting: dict, packer=None):
+    """Reduce one image's visual tokens. features (N, H); is_newline (N,); scores (N,) or None (packing).
+
+    Segments: the base tile (first `base_length` tokens) and the high-resolution grid after it. Pruning keeps
+    ceil(n * keep_ratio) tokens of each segment; packing packs each row of the grid (the base tile counts as one
+    row) in groups of k. Newline tokens are always kept. Returns (features (M, H), positions (M,)) in order.
+    """
+    length = features.shape[0]
+    positions = torch.arange(length, device=features.device)
+    grid = (positions >= base_length) & ~is_newline
+    kept_features, kept_positions = [features[is_newline]], [positions[is_newline]]
+    if setting["method"] == "pack":
+        row_ids = torch.cumsum(is_newline.long(), 0) - is_newline.long()  # rows end at their newline
+        segments = [positions[:base_length][~is_newline[:base_length]]]
+        segments += [positions[grid & (row_ids == row)] for row in torch.unique(row_ids[grid]).tolist()]
+    else:
+        segments = [positions[:base_length][~is_newline[:base_length]], positions[grid]]
+    for segment in segments:
+        if segment.numel() == 0:
+            continue
+        if setting["method"] == "pack":
+            packed, offsets = packer(features[segment])
+            kept_features.append(packed)
+            kept_positions.append(segment[offsets])
+            continue
+        keep = math.ceil(segment.numel() * setting["keep_ratio"])
+        select = select_visionzip if setting["method"] == "visionzip" else select_vispruner
+        fraction = setting["dominant_fraction"] if setting["method"] == "visionzip" else setting["important_fraction"]
+        chosen, local = select(features[segment], scores[segment], keep, fraction)
+        kept_features.append(chosen)
+        kept_positions.append(segment[local])
+    return sort_by_position(torch.cat(kept_features), torch.cat(kept_positions))
+
+
+# --------------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------------
 
@@ -325,6 +459,8 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
         elif isinstance(module, VisorCPE):
             _init.zeros_(module.weight)
             _init.zeros_(module.bias)
+        elif isinstance(module, VisorTokenPacker) and not getattr(module.weight, "_is_hf_initialized", False):
+            module.reset_to_mean()
 
     # ---- checkpoints readable by transformers 4.57 and 5.x -----------------------------------------
     # 5.x holds SigLIP's weights without the `vision_model.` level and also saves them that way; 4.57 then
@@ -433,6 +569,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         self.router = VisorRouter(
             text_config.hidden_size, config.router_hidden_size, len(config.configurations), text_config.rms_norm_eps
         )
+        reduction = config.token_reduction
+        self.token_packer = (
+            VisorTokenPacker(text_config.hidden_size, reduction["pack_factor"])
+            if reduction is not None and reduction["method"] == "pack" else None
+        )
         self.post_init()
 
     # ---- budgets -------------------------------------------------------------------------------
@@ -495,6 +636,92 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         )
         return list(getattr(out, "pooler_output", out))  # 5.x returns an output object, 4.57 a list
 
+    def resolve_token_reduction(self, token_reduction) -> dict | None:
+        """The setting of this call: the config's default when None; a packing setting must match the packer."""
+        setting = self.config.token_reduction if token_reduction is None else validate_token_reduction(token_reduction)
+        if setting is not None and setting["method"] == "pack":
+            trained = self.token_packer.factor if self.token_packer is not None else None
+            if trained != setting["pack_factor"]:
+                raise ValueError(
+                    f"token_reduction pack_factor={setting['pack_factor']} does not match the trained packing layer "
+                    f"(pack factor {trained}); set config.token_reduction to {{'method': 'pack', 'pack_factor': k}} "
+                    "and train the packing layer first"
+                )
+        return setting
+
+    def visual_features_with_scores(self, pixel_values, image_sizes, batch_num_images, score_layer: int):
+        """Features, plus the mean attention each crop token receives in SigLIP layer `score_layer` (SigLIP has no
+        CLS token). Only that layer's scores are computed, from its input; the tower keeps its attention kernel."""
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        layer = tower.encoder.layers[score_layer]
+        captured = {}
+
+        def capture(module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            features = VisorModel.visual_features(self, pixel_values, image_sizes, batch_num_images)
+        finally:
+            handle.remove()
+        attn = layer.self_attn
+        scores = []
+        for crop in layer.layer_norm1(captured["hidden"]):  # one crop at a time: (T, C), bounded memory
+            heads = lambda x: x.view(crop.shape[0], attn.num_heads, attn.head_dim).transpose(0, 1)  # (h, T, d)
+            probs = torch.softmax(heads(attn.q_proj(crop)) @ heads(attn.k_proj(crop)).transpose(1, 2) * attn.scale, -1)
+            scores.append(probs.float().mean(dim=(0, 1)))  # received, averaged over heads and queries
+        scores = torch.stack(scores)  # (crops, T)
+        if self.config.vision_feature_select_strategy == "default":
+            scores = scores[:, 1:]
+        return features, scores
+
+    def reduce_visual_tokens(self, pixel_values, image_sizes, batch_num_images, setting: dict):
+        """Features of each image after token reduction, and which of the image's tokens survive (bool (N_i,)).
+
+        Like `visual_features_with_scores` and `token_layout`, it needs only LLaVA-OneVision's parts, so the dense
+        baseline calls it on a transformers `LlavaOnevisionModel` (visor_hf.baselines)."""
+        if setting["method"] == "pack":
+            features, crop_scores = VisorModel.visual_features(self, pixel_values, image_sizes, batch_num_images), None
+        else:
+            features, crop_scores = VisorModel.visual_features_with_scores(
+                self, pixel_values, image_sizes, batch_num_images, setting["score_layer"]
+            )
+        layout = VisorModel.token_layout(self, image_sizes, batch_num_images, crop_scores, features[0].device)
+        reduced, kept = [], []
+        for feature, (is_newline, scores, base_length) in zip(features, layout):
+            if is_newline.shape[0] != feature.shape[0]:
+                raise ValueError(f"token layout of {is_newline.shape[0]} tokens for an image of {feature.shape[0]}")
+            packer = getattr(self, "token_packer", None)
+            chosen, positions = reduce_image_tokens(feature, is_newline, scores, base_length, setting, packer)
+            mask = torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
+            mask[positions] = True
+            reduced.append(chosen)
+            kept.append(mask)
+        return reduced, kept
+
+    def token_layout(self, image_sizes, batch_num_images, crop_scores, device):
+        """Per image: which packed tokens are image_newline, each token's score (inf at newlines) and the length of
+        the base tile. Runs LLaVA-OneVision's own packing on one-channel maps, so it follows unpadding exactly."""
+        config = self.config
+        crop = config.vision_config.image_size
+        per_crop = (crop // config.vision_config.patch_size) ** 2
+        per_crop -= 1 if config.vision_feature_select_strategy == "default" else 0
+        single = [n == 1 for n in batch_num_images for _ in range(n)] if batch_num_images is not None else None
+        patches = [
+            image_size_to_num_patches(size, config.image_grid_pinpoints, crop) if single is None or single[i] else 1
+            for i, size in enumerate(image_sizes)
+        ]
+        pack = lambda maps, newline: LlavaOnevisionModel.pack_image_features(
+            self, maps, image_sizes, image_newline=newline, vision_aspect_ratio=config.vision_aspect_ratio
+        )[0]
+        markers = pack([torch.zeros(n, per_crop, 1, device=device) for n in patches], torch.ones(1, device=device))
+        if crop_scores is None:
+            scores = [None] * len(patches)
+        else:
+            maps = [m.unsqueeze(-1) for m in torch.split(crop_scores.to(device), patches)]
+            scores = [m[:, 0] for m in pack(maps, torch.full((1,), float("inf"), device=device))]
+        return [(m[:, 0] == 1, score, per_crop) for m, score in zip(markers, scores)]
+
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(
@@ -511,6 +738,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         batch_num_images: torch.LongTensor | None = None,
         cache: VisorCache | None = None,
         route_only: bool = False,
+        token_reduction=None,
         **kwargs,
     ) -> VisorModelOutput:
         cache = cache if cache is not None else past_key_values
@@ -524,12 +752,12 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         cache = VisorCache() if use_cache else None
         return self._prefill(
             input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, budget,
-            batch_num_images, cache, route_only,
+            batch_num_images, cache, route_only, token_reduction,
         )
 
     def _prefill(
         self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, budget,
-        batch_num_images, cache, route_only,
+        batch_num_images, cache, route_only, token_reduction=None,
     ) -> VisorModelOutput:
         config = self.config
         batch, length = input_ids.shape
@@ -537,6 +765,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         language_model = self.language_model
         implementation = config.text_config._attn_implementation or "sdpa"
         configurations = self.resolve_budget(budget, batch)
+        reduction = self.resolve_token_reduction(token_reduction)
 
         embeds = inputs_embeds if inputs_embeds is not None else language_model.embed_tokens(input_ids)
         attention_mask = (
@@ -545,23 +774,39 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         is_visual = input_ids == config.image_token_id  # (B, S)
         image_ids = torch.full_like(input_ids, -1)  # (B, S): which image a placeholder belongs to
         num_placeholders = int(is_visual.sum())
+        if position_ids is None:  # as LLaVA-OneVision: positions follow the dense sequence
+            position_ids = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+        prompt_length, restore_index = length, None  # the prompt as the caller sees it, before token reduction
         if pixel_values is not None and num_placeholders > 0:
-            features = self.visual_features(pixel_values, image_sizes, batch_num_images)
-            num_features = sum(f.shape[0] for f in features)
+            if reduction is None:
+                features = self.visual_features(pixel_values, image_sizes, batch_num_images)
+                lengths = [f.shape[0] for f in features]
+            else:
+                features, kept = self.reduce_visual_tokens(pixel_values, image_sizes, batch_num_images, reduction)
+                lengths = [k.shape[0] for k in kept]  # each image's tokens before reduction
+            num_features = sum(lengths)
             if num_features != num_placeholders:
                 raise ValueError(
                     f"Image features and image tokens do not match: {num_placeholders} image placeholder tokens in "
                     f"input_ids, {num_features} visual tokens from pixel_values ({len(features)} images)"
                 )
-            lengths = torch.tensor([f.shape[0] for f in features], device=device)
+            lengths = torch.tensor(lengths, device=device)
+            image_ids = image_ids.masked_scatter(is_visual, torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths))
+            if reduction is not None:
+                # Drop the placeholders of reduced-away tokens; the survivors keep their positions.
+                restore_index, slot_valid = compact_kept_tokens(is_visual, kept)
+                length = restore_index.shape[1]
+                is_visual = is_visual.gather(1, restore_index) & slot_valid
+                attention_mask = attention_mask.gather(1, restore_index) & slot_valid
+                position_ids, image_ids = position_ids.gather(1, restore_index), image_ids.gather(1, restore_index)
+                input_ids = torch.where(slot_valid, input_ids.gather(1, restore_index), -1)  # -1: an empty slot
+                embeds = embeds.gather(1, restore_index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+                image_ids = torch.where(is_visual, image_ids, -1)
             features = torch.cat(features).to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), features)
-            image_ids = image_ids.masked_scatter(is_visual, torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths))
         elif num_placeholders > 0:
             raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
 
-        if position_ids is None:  # as LLaVA-OneVision: positions follow the dense sequence
-            position_ids = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
         cos, sin = language_model.rotary_emb(embeds, position_ids)  # (B, S, d)
 
         # Split into a left-padded text buffer and a right-padded visual buffer, both in dense order.
@@ -600,7 +845,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         has_visual = num_visual > 0
         state = VisorPromptState(
             is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
-            dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=length,
+            dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=prompt_length,
         )
         router_logits = routing_mask = None
         run_layer = decoder_layer_forward
@@ -641,6 +886,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             )
 
         hidden = scatter(language_model.norm(text), text_index)  # (B, S, H); placeholders hold no prediction
+        if restore_index is not None:  # back to the caller's layout (token reduction shortened the prompt)
+            hidden = hidden.new_zeros(batch, prompt_length, hidden.shape[-1]).scatter(
+                1, restore_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden
+            )
         if cache is not None:
             cache.prompt = state
         return VisorModelOutput(
@@ -757,6 +1006,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         batch_num_images: torch.LongTensor | None = None,
         cache: VisorCache | None = None,
         route_only: bool = False,
+        token_reduction=None,
         **kwargs,
     ) -> VisorCausalLMOutput:
         r"""budget: see the class docstring. route_only: stop after the router and return only
@@ -766,6 +1016,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
             use_cache=use_cache, budget=budget, batch_num_images=batch_num_images, cache=cache, route_only=route_only,
+            token_reduction=token_reduction,
         )
         if route_only:
             return VisorCausalLMOutput(

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from .configuration_visor import VisorConfig
+from .configuration_visor import VisorConfig, validate_token_reduction
 from .modeling_visor import VisorForConditionalGeneration
 from .training.data import VisorDataCollator, load_records
 from .training.evaluation import evaluate_configurations, select_viable, summarise
@@ -53,6 +53,12 @@ class DataArguments:
 @dataclass
 class TrainStageArguments:
     train_vision_tower: bool = field(default=False, metadata={"help": "universal: also fine-tune the vision tower."})
+    token_reduction: str | None = field(
+        default=None,
+        metadata={"help": "'pack' adds (or keeps training) the VISOR-TR packing layer: k consecutive visual tokens "
+                  "become one; it becomes the model's default token reduction."},
+    )
+    pack_factor: int = field(default=2, metadata={"help": "With --token_reduction pack: tokens per packed token."})
 
 
 @dataclass
@@ -123,6 +129,8 @@ def run_training_stage(stage: str, argv: list[str]) -> str:
     data_args, stage_args, args = parser.parse_args_into_dataclasses(argv)
     args = training_arguments(args)
     model, processor = load_model_and_processor(data_args.model)
+    if stage_args.token_reduction is not None:
+        add_token_packer(model, stage_args.token_reduction, stage_args.pack_factor)
     trainable = set_trainable(model, stage, train_vision_tower=stage_args.train_vision_tower)
     if not trainable:
         raise ValueError(f"{stage}: no parameter to train")
@@ -138,6 +146,22 @@ def run_training_stage(stage: str, argv: list[str]) -> str:
         with open(os.path.join(args.output_dir, "budget_draws.json"), "w") as f:
             json.dump([[step, list(b) if isinstance(b, tuple) else b] for step, b in trainer.budget_draws], f)
     return args.output_dir
+
+
+def add_token_packer(model, method: str, factor: int) -> None:
+    """Make VISOR-TR packing (k tokens -> 1, starting as their mean) the model's default token reduction."""
+    from .modeling_visor import VisorTokenPacker
+
+    if method != "pack":
+        raise ValueError(f"--token_reduction {method!r}: only 'pack' is trained; pruning methods need no training")
+    setting = validate_token_reduction({"method": "pack", "pack_factor": factor})
+    packer = model.model.token_packer
+    if packer is not None and packer.factor != factor:
+        raise ValueError(f"--pack_factor {factor}: the model already has a packing layer of factor {packer.factor}")
+    if packer is None:
+        packer = VisorTokenPacker(model.config.text_config.hidden_size, factor)
+        model.model.token_packer = packer.to(model.device, model.dtype)
+    model.config.token_reduction = setting
 
 
 def candidate_subsets(layers: list[int], max_candidates: int, seed: int) -> list[tuple]:

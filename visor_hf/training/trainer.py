@@ -1,7 +1,8 @@
 """Trainer subclasses and parameter freezing for VISOR's training stages (paper, sections 4.2.3 and 4.3).
 
 - `set_trainable(model, stage)`: which parameters a stage trains.
-    stage1:    the new parts only (cross-attention layers with their gates and CPE, routing-token embedding row)
+    stage1:    the new parts only (cross-attention layers with their gates and CPE, the VISOR-TR packing layer
+               if any, routing-token embedding row)
     universal: the language model, projector and new parts; the vision tower only with `train_vision_tower`
     router:    the router MLP only
 - `VisorTrainer`: draws one configuration per optimisation step (universal fine-tuning). The draw is a
@@ -23,7 +24,7 @@ STAGES = ("stage1", "universal", "router")
 
 
 def new_part(name: str) -> bool:
-    return ".cross_attn." in name or name.startswith("cross_attn.")
+    return ".cross_attn." in name or name.startswith("cross_attn.") or "token_packer." in name
 
 
 def set_trainable(model, stage: str, train_vision_tower: bool = False) -> list[str]:
