@@ -149,18 +149,22 @@ class VisorCPE(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, x: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
-        """x (B, N, H); image_ids (B, N), -1 for padding. Returns (B, N, H)."""
-        kernel = self.weight.shape[-1]
-        half = kernel // 2
-        length = x.shape[1]
-        weight = self.weight[:, 0, :].to(x.dtype)  # (H, k)
-        x_pad = F.pad(x, (0, 0, half, half))  # (B, N + 2 half, H)
-        ids_pad = F.pad(image_ids, (half, half), value=-1)
-        out = x + self.bias.to(x.dtype)
-        for j in range(kernel):  # out[t] += w[j] * x[t + j - half] when it belongs to the same image
-            same_image = (ids_pad[:, j : j + length] == image_ids) & (image_ids >= 0)
-            out = out + x_pad[:, j : j + length] * same_image.unsqueeze(-1).to(x.dtype) * weight[:, j]
-        return out
+        """x (B, N, H); image_ids (B, N), -1 for padding. Returns (B, N, H) (padding rows unspecified)."""
+        half = self.weight.shape[-1] // 2
+        valid = image_ids >= 0
+        source = x * valid.unsqueeze(-1).to(x.dtype)  # padding contributes zeros
+        # Images that share a row are pulled apart by `half` zero tokens, so that one convolution over the row
+        # never reaches from one image into the next. Rows of one image need no gaps.
+        starts = valid & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])
+        rank = (torch.cumsum(starts.long(), dim=1) - 1).clamp(min=0)  # (B, N): which image of the row
+        gaps = int(rank.max()) if rank.numel() else 0
+        if gaps:
+            position = (torch.arange(x.shape[1], device=x.device) + half * rank).unsqueeze(-1).expand_as(x)
+            source = x.new_zeros(x.shape[0], x.shape[1] + half * gaps, x.shape[2]).scatter(1, position, source)
+        conv = F.conv1d(source.transpose(1, 2), self.weight.to(x.dtype), padding=half, groups=x.shape[-1]).transpose(1, 2)
+        if gaps:
+            conv = conv.gather(1, position)
+        return x + conv + self.bias.to(x.dtype)
 
 
 class VisorCrossAttention(nn.Module):
