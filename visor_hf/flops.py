@@ -11,9 +11,9 @@ Convention (the same for every function here, and what `tests/test_flops.py` che
   and `FlopCounterMode` compute them.
 - Element-wise work is excluded: RMSNorm/LayerNorm, rotary embeddings, softmax, activations, residual
   adds, the tanh gates, the anyres packing and its interpolation. They are a fraction of a percent.
-- One exception, because it is a convolution: VISOR's CPE, a depth-wise conv of kernel k over the visual
-  tokens, costs 2 * k * H per visual token and cross-attention layer. It is in the totals and in the
-  breakdown as `cpe`; the model computes it with element-wise ops, which `FlopCounterMode` does not see.
+- VISOR's CPE is a convolution and is counted: a depth-wise conv of kernel k over the visual tokens, 2 * k * H
+  per visual token and cross-attention layer (breakdown key `cpe`), as `FlopCounterMode` counts the model's
+  `F.conv1d`. Zero gaps the model inserts between two images sharing a row are not counted.
 - lm_head: counted on `lm_head="last"` positions by default, the one position `generate` needs at prefill
   (`logits_to_keep=1` in both models). `lm_head="all"` counts every position of the dense sequence
   (N_v + N_t: both LLaVA-OneVision's and VISOR's `forward` return logits in the dense layout when
