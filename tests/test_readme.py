@@ -16,3 +16,5 @@ def test_readme_usage_snippet_runs():
     assert printed.getvalue().strip() == "[(4,)]"  # the comment next to the print in the README
     tokens, inputs = namespace["tokens"], namespace["inputs"]
     assert tokens.shape == (1, inputs["input_ids"].shape[1] + 8)
+    cost = namespace["cost"].samples[0]
+    assert cost.self_attn_layers == (4,) and cost.llm_ratio > 1.0  # one of two self-attention layers: cheaper
