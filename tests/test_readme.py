@@ -9,7 +9,8 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_usage_snippet_runs():
-    snippet = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    snippet = next(block for block in blocks if "tiny_llava_onevision()" in block)  # the "Use" section's
     namespace, printed = {}, io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(snippet, str(README), "exec"), namespace)
