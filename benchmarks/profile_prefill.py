@@ -2,8 +2,8 @@
 """Where the time of one VISOR (or dense) prefill and of a few decode steps goes: torch.profiler tables.
 
 Builds the same models as bench_prefill.py (same flags for shapes), runs one untimed warm-up, then profiles a
-prefill and `--decode-steps` decode steps, and prints the top operators by self CPU time and the same grouped
-by the innermost source lines (modeling_visor.py lines show where each op comes from).
+prefill and `--decode-steps` decode steps, and prints the top entries by self time: aten operators, and (Python
+tracing) the functions that call them, e.g. `modeling_visor.py(151): forward` with its inclusive "CPU total".
 
 Usage:
     python benchmarks/profile_prefill.py --tiny-vision --vision-tokens 1485 --budget 2
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vision-tokens", type=int, default=1485)
     parser.add_argument("--decode-steps", type=int, default=4)
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--stack-depth", type=int, default=3, help="source frames to group by (0: no stack table)")
+    parser.add_argument("--no-python", action="store_true", help="operators only, no Python function rows")
     known, rest = parser.parse_known_args(argv)
     args = bench.parse_args(rest + ["--vision-tokens", str(known.vision_tokens)])
     if args.threads:  # --threads 1 gives stable tables on a busy machine
@@ -50,15 +50,13 @@ def main(argv=None) -> None:
         token, cache, _ = bench.prefill(model, inputs, budget)  # warm-up
         bench.decode(model, token, cache, 2)
         for stage in ("prefill", "decode"):
-            with profile(activities=activities, with_stack=known.stack_depth > 0, record_shapes=False) as prof:
+            with profile(activities=activities, with_stack=not known.no_python, record_shapes=False) as prof:
                 if stage == "prefill":
                     token, cache, _ = bench.prefill(model, inputs, budget)
                 else:
                     bench.decode(model, token, cache, known.decode_steps)
             print(f"\n===== {stage} ({known.budget}, N_v={known.vision_tokens}) =====")
             print(prof.key_averages().table(sort_by=sort, row_limit=known.rows))
-            if known.stack_depth:
-                print(prof.key_averages(group_by_stack_n=known.stack_depth).table(sort_by=sort, row_limit=known.rows))
 
 
 if __name__ == "__main__":

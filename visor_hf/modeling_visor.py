@@ -152,7 +152,7 @@ class VisorCPE(nn.Module):
         """x (B, N, H); image_ids (B, N), -1 for padding. Returns (B, N, H) (padding rows unspecified)."""
         half = self.weight.shape[-1] // 2
         valid = image_ids >= 0
-        source = x * valid.unsqueeze(-1).to(x.dtype)  # padding contributes zeros
+        source = x if bool(valid.all()) else x * valid.unsqueeze(-1).to(x.dtype)  # padding contributes zeros
         # Images that share a row are pulled apart by `half` zero tokens, so that one convolution over the row
         # never reaches from one image into the next. Rows of one image need no gaps.
         starts = valid & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])
@@ -161,10 +161,12 @@ class VisorCPE(nn.Module):
         if gaps:
             position = (torch.arange(x.shape[1], device=x.device) + half * rank).unsqueeze(-1).expand_as(x)
             source = x.new_zeros(x.shape[0], x.shape[1] + half * gaps, x.shape[2]).scatter(1, position, source)
-        conv = F.conv1d(source.transpose(1, 2), self.weight.to(x.dtype), padding=half, groups=x.shape[-1]).transpose(1, 2)
+        conv = F.conv1d(
+            source.transpose(1, 2), self.weight.to(x.dtype), self.bias.to(x.dtype), padding=half, groups=x.shape[-1]
+        ).transpose(1, 2)
         if gaps:
             conv = conv.gather(1, position)
-        return x + conv + self.bias.to(x.dtype)
+        return x + conv
 
 
 class VisorCrossAttention(nn.Module):
