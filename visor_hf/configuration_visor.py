@@ -221,6 +221,32 @@ class VisorConfig(PretrainedConfig):
         count = max(1, num_layers // 3)
         return spread_layers(count, num_layers, last=True), spread_layers(count, num_layers, last=False)
 
+    def resolve_budget(self, budget) -> tuple[int, ...] | None:
+        """The self-attention layers one budget runs; None for "auto" (the router decides per sample).
+
+        "full": all `self_attn_layers`; int k: the first configuration with k layers; a tuple: one of
+        `configurations` (or all `self_attn_layers`). Anything else raises `ValueError` naming the allowed values.
+        """
+        configurations = [tuple(c) for c in self.configurations]
+        if isinstance(budget, str):
+            if budget == "full":
+                return tuple(self.self_attn_layers)
+            if budget == "auto":
+                return None
+            raise ValueError(f"budget={budget!r} is not allowed: use {BUDGET_HELP}")
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            for configuration in configurations:
+                if len(configuration) == budget:
+                    return configuration
+            counts = sorted({len(c) for c in configurations})
+            raise ValueError(f"budget={budget}: no configuration has {budget} self-attention layers; allowed: {counts}")
+        if isinstance(budget, tuple):
+            layers = tuple(sorted(budget))
+            if layers in configurations or layers == tuple(self.self_attn_layers):
+                return layers
+            raise ValueError(f"budget={budget}: not one of config.configurations {configurations}")
+        raise ValueError(f"budget={budget!r} has type {type(budget).__name__}: use {BUDGET_HELP}")
+
     @property
     def num_layers(self) -> int:
         return self.text_config.num_hidden_layers

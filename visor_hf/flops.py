@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration_visor import BUDGET_HELP, VisorConfig
+from .configuration_visor import VisorConfig
 
 LM_HEAD_CHOICES = ("last", "all", "none")
 
@@ -71,31 +71,15 @@ def resolve_configuration(config, budget) -> tuple[int, ...]:
     `config.configurations` (or all `self_attn_layers`). "auto" depends on the router: pass the configuration
     it chose (the model output's `self_attn_layers`).
     """
-    config = as_visor_config(config)
-    configurations = [tuple(c) for c in config.configurations]
-    if isinstance(budget, str):
-        if budget == "full":
-            return tuple(config.self_attn_layers)
-        if budget == "auto":
-            raise ValueError(
-                "budget='auto': the router picks the configuration per sample; pass the configuration it chose "
-                "(e.g. budget=tuple(output.self_attn_layers[i])) or use describe_cost(..., self_attn_layers=...)"
-            )
-        raise ValueError(f"budget={budget!r} is not allowed: use {BUDGET_HELP}")
-    if isinstance(budget, int) and not isinstance(budget, bool):
-        for configuration in configurations:
-            if len(configuration) == budget:
-                return configuration
-        counts = sorted({len(c) for c in configurations})
-        raise ValueError(f"budget={budget}: no configuration has {budget} self-attention layers; allowed: {counts}")
     if isinstance(budget, list):
         raise ValueError(f"budget={budget}: a list holds one budget per sample; count each sample (or use describe_cost)")
-    if isinstance(budget, tuple):
-        layers = tuple(sorted(budget))
-        if layers in configurations or layers == tuple(config.self_attn_layers):
-            return layers
-        raise ValueError(f"budget={budget}: not one of config.configurations {configurations}")
-    raise ValueError(f"budget={budget!r} has type {type(budget).__name__}: use {BUDGET_HELP}")
+    configuration = as_visor_config(config).resolve_budget(budget)
+    if configuration is None:
+        raise ValueError(
+            "budget='auto': the router picks the configuration per sample; pass the configuration it chose "
+            "(e.g. budget=tuple(output.self_attn_layers[i])) or use describe_cost(..., self_attn_layers=...)"
+        )
+    return configuration
 
 
 # --------------------------------------------------------------------------------------------------

@@ -595,30 +595,13 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         return [self._resolve_one_budget(budget)] * batch_size
 
     def _resolve_one_budget(self, budget) -> tuple[int, ...] | None:
-        configurations = [tuple(c) for c in self.config.configurations]
-        if isinstance(budget, str):
-            if budget == "full":
-                return tuple(self.config.self_attn_layers)
-            if budget == "auto":
-                if self.config.routing_token_id is None:
-                    raise ValueError(
-                        "budget='auto' needs a routing token and a trained router (config.routing_token_id is None); "
-                        f"use a fixed budget: {BUDGET_HELP}"
-                    )
-                return None
-            raise ValueError(f"budget={budget!r} is not allowed: use {BUDGET_HELP}")
-        if isinstance(budget, int) and not isinstance(budget, bool):
-            for configuration in configurations:
-                if len(configuration) == budget:
-                    return configuration
-            counts = sorted({len(c) for c in configurations})
-            raise ValueError(f"budget={budget}: no configuration has {budget} self-attention layers; allowed: {counts}")
-        if isinstance(budget, tuple):
-            layers = tuple(sorted(budget))
-            if layers in configurations or layers == tuple(self.config.self_attn_layers):
-                return layers
-            raise ValueError(f"budget={budget}: not one of config.configurations {configurations}")
-        raise ValueError(f"budget={budget!r} has type {type(budget).__name__}: use {BUDGET_HELP}")
+        configuration = self.config.resolve_budget(budget)
+        if configuration is None and self.config.routing_token_id is None:
+            raise ValueError(
+                "budget='auto' needs a routing token and a trained router (config.routing_token_id is None); "
+                f"use a fixed budget: {BUDGET_HELP}"
+            )
+        return configuration
 
     def _active_layers(self, configurations: list, device) -> torch.Tensor:
         """(B, L) bool: layer l is in sample b's configuration."""
