@@ -1,0 +1,143 @@
+"""The toy world: generator, tokenizer, the whole VISOR path at CI size, and the demo on the kept checkpoint."""
+
+import contextlib
+import io
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from visor_hf import VisorForConditionalGeneration
+from visor_hf.demo import DEFAULT_MODEL
+from visor_hf.demo import main as demo_main
+from visor_hf.processing_visor import ROUTING_TOKEN, VisorProcessor
+from visor_hf.toyworld import world
+from visor_hf.toyworld.model import build_tokenizer, dense_config, dense_processor, image_processor, save_tokenizer
+from visor_hf.toyworld.pipeline import logged_losses, run_pipeline
+from visor_hf.training.data import VisorDataCollator, to_messages
+
+
+def test_world_is_seeded_balanced_and_answers_are_single_words():
+    first = [r for r, _ in world.split_records("test", 20, seed=3)]
+    again = [r for r, _ in world.split_records("test", 20, seed=3)]
+    other = [r for r, _ in world.split_records("test", 20, seed=4)]
+    assert first == again and first != other
+    assert [r["family"] for r in first[:5]] == list(world.FAMILIES)
+    assert {r["kind"] for r in first} == {"coarse", "fine"}
+    train = [r for r, _ in world.split_records("train", 10, seed=3, questions_per_image=3)]
+    assert all(len(r["conversations"]) == 6 and len(set(r["question_families"])) == 3 for r in train)
+    assert all(r["kind"] == "mixed" for r in train)
+    vocabulary = set(world.vocabulary())
+    for record in first + train:
+        for turn in record["conversations"]:
+            words = re.findall(r"[A-Za-z]+|\d|[^\sA-Za-z\d]", turn["value"].replace("<image>", ""))
+            assert set(words) <= vocabulary, turn["value"]
+        assert all(len(t["value"].split()) == 1 for t in record["conversations"][1::2])
+
+
+def test_scenes_are_well_formed():
+    for i in range(50):
+        scene = world.sample_scene(__import__("random").Random(i))
+        assert 2 <= len(scene.small) <= 4
+        assert len({(s.colour, s.kind) for s in scene.small}) == len(scene.small)  # "the red circle" is unique
+        assert len({s.label for s in scene.small}) == len(scene.small)
+        assert all(abs(s.centre_x - scene.large.centre_x) >= 6 for s in scene.small)  # left/right is unambiguous
+        image = world.render(scene)
+        assert image.size == (world.CANVAS, world.CANVAS)
+
+
+def test_in_memory_dataset_holds_images():
+    dataset = world.in_memory_dataset("val", 4, seed=0)
+    assert len(dataset) == 4 and dataset[0]["image"].size == (64, 64)
+    assert dataset[0]["conversations"][0]["value"].startswith("<image>\n")
+
+
+def test_word_level_tokenizer_labels_exactly_the_answers(tmp_path):
+    tokenizer = build_tokenizer()
+    assert tokenizer("assistant\n", add_special_tokens=False)["input_ids"] == tokenizer.convert_tokens_to_ids(["assistant", "\n"])
+    processor = dense_processor(tokenizer, image_processor(dense_config()))
+    record, image = next(world.split_records("train", 1, seed=0, questions_per_image=3))
+    image.save(tmp_path / "0.png")
+    record["image"] = "0.png"
+    text = processor.apply_chat_template(to_messages(record), add_generation_prompt=False)
+    assert ROUTING_TOKEN not in text  # the dense prompt is LLaVA-OneVision's
+    batch = VisorDataCollator(processor, str(tmp_path))([record])
+    assert int((batch["input_ids"] == tokenizer.unk_token_id).sum()) == 0
+    assert int((batch["input_ids"] == dense_config().image_token_index).sum()) == 88
+    answers = [t["value"] for t in record["conversations"][1::2]]
+    for q, answer in enumerate(answers):
+        assert tokenizer.decode(batch["labels"][0][batch["question_index"][0] == q]) == f"{answer} <|im_end|>"
+    save_tokenizer(tmp_path / "tok")  # hand-written files: what both transformers lines load
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toyworld")
+    run = run_pipeline(str(root / "run"), preset="ci", save_checkpoint_to=str(root / "checkpoint"), last="checkpoint")
+    return run, root
+
+
+def test_pipeline_trains_and_every_artefact_loads(pipeline):
+    run, root = pipeline
+    dense_log = json.loads(open(run.path("dense", "training_log.json")).read())
+    losses = [h["loss"] for h in dense_log["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0] - 0.2, losses  # training the dense baseline lowers the loss
+    universal = logged_losses(open(run.path("logs", "universal.log")).read())
+    assert len(universal) == 6 and min(universal[-2:]) < universal[0], universal
+    for folder in ("visor", "stage1", "universal", "searched", "final"):
+        model = VisorForConditionalGeneration.from_pretrained(run.path(folder))
+        assert model.config.routing_token_id is not None
+    final = VisorForConditionalGeneration.from_pretrained(run.path("final"))
+    assert [tuple(c) for c in final.config.configurations][-1] == (1, 2)
+    labels = [json.loads(line) for line in open(run.path("labels.jsonl"))]
+    assert len(labels) == 20 and all(tuple(line["self_attn_layers"]) in map(tuple, final.config.configurations) for line in labels)
+    results = json.load(open(run.path("results.json")))
+    assert set(results["budgets"]) == {str(tuple(c)) for c in final.config.configurations} | {"auto"}
+    assert results["dense"]["all"]["relative_flops"] == 1.0
+    assert results["budgets"]["()"]["all"]["relative_flops"] < results["budgets"]["(1, 2)"]["all"]["relative_flops"] < 1.0
+    report = open(run.path("report", "results.md")).read()
+    assert "budget=\"auto\"" in report and "(a)" in report and os.path.getsize(run.path("report", "results.png")) > 1000
+    assert "python -m visor_hf.train universal" in open(run.path("commands.sh")).read()
+    processor = VisorProcessor.from_pretrained(root / "checkpoint")  # processor files from the converter: both lines
+    assert processor.routing_token_id == final.config.routing_token_id
+
+
+def run_demo(*argv) -> str:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        demo_main(list(argv))
+    return printed.getvalue()
+
+
+def test_demo_runs_on_a_pipeline_checkpoint(pipeline):
+    _, root = pipeline
+    out = run_demo("--model", str(root / "checkpoint"), "--budget", "0")
+    assert out.count("configuration: self-attention layers [] (0 of 2), fixed by --budget 0") == 2
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(DEFAULT_MODEL, "config.json")), reason="no kept checkpoint yet")
+def test_demo_answers_with_the_kept_checkpoint(tmp_path):
+    out = run_demo("--save-image", str(tmp_path / "scene.png"))
+    answers = re.findall(r"^A: (\S+)\s+\(reference: (\S+)\)$", out, re.M)
+    assert len(answers) == 2, out
+    assert all(answer == reference for answer, reference in answers), out
+    assert len(re.findall(r"configuration: self-attention layers \[[\d, ]*\] \(\d of \d\), chosen by the router", out)) == 2
+    ratios = [float(x) for x in re.findall(r"dense \((\d\.\d\d)x\)", out)]
+    assert len(ratios) == 2 and all(0 < r < 1 for r in ratios)
+    assert (tmp_path / "scene.png").exists()
+    out = run_demo("--budget", "full", "--question", "what shape is the large shape?", "--image", str(tmp_path / "scene.png"))
+    assert re.search(r"^A: (circle|square|triangle)$", out, re.M), out
+
+
+def test_kept_checkpoint_is_small():
+    if not os.path.exists(os.path.join(DEFAULT_MODEL, "config.json")):
+        pytest.skip("no kept checkpoint yet")
+    total = sum(os.path.getsize(os.path.join(DEFAULT_MODEL, f)) for f in os.listdir(DEFAULT_MODEL))
+    assert total < 10 * 2**20
+    with torch.no_grad():
+        model = VisorForConditionalGeneration.from_pretrained(DEFAULT_MODEL)
+    assert model.config.routing_token_id is not None and len(model.config.configurations) >= 2

@@ -1,0 +1,88 @@
+"""Train the toy world's dense baseline: transformers' LLaVA-OneVision from random weights, with `Trainer`.
+
+The model, its processor and the data collator are the ones the VISOR stages use (`VisorDataCollator`: the
+chat template rendered per record, answer-only labels), with the dense chat template (no routing token). The
+result is written as a LLaVA-OneVision checkpoint folder in transformers 4.x's key layout
+(`testing.save_llava_onevision`) with hand-written tokenizer files, which `convert_llava_ov.convert` takes.
+
+Usage:
+    train_dense("toy/data", "toy/dense", DenseTrainingOptions(max_steps=2000))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration, Trainer, TrainingArguments
+
+from ..testing import save_llava_onevision
+from ..training.data import VisorDataCollator, load_records
+from .model import ModelSize, build_tokenizer, dense_config, dense_processor, image_processor, save_tokenizer
+
+
+class DenseCollator(VisorDataCollator):
+    """`VisorDataCollator` for LLaVA-OneVision, whose forward takes no `question_index`."""
+
+    def __call__(self, records):
+        batch = super().__call__(records)
+        batch.pop("question_index")
+        return batch
+
+
+@dataclass
+class DenseTrainingOptions:
+    size: ModelSize = field(default_factory=ModelSize)
+    max_steps: int = 3000
+    batch_size: int = 16
+    learning_rate: float = 5e-4  # higher rates blow the visual tokens' norm up (x100 by step 150 at 2e-3)
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    logging_steps: int = 25
+
+
+def load_dense(path: str):
+    """(model, processor) of a dense toy checkpoint folder written by `train_dense`."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, config=PretrainedConfig())
+    return model, dense_processor(tokenizer, image_processor(model.config))
+
+
+def train_dense(data_dir: str, out_dir: str, options: DenseTrainingOptions | None = None, split: str = "train") -> dict:
+    """Train on `{data_dir}/{split}.jsonl`; write the checkpoint to `out_dir` with `training_log.json`
+    (Trainer's log history, the options and the wall time). Returns that log."""
+    options = options or DenseTrainingOptions()
+    torch.manual_seed(options.seed)
+    config = dense_config(options.size)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    tokenizer = build_tokenizer()
+    processor = dense_processor(tokenizer, image_processor(config))
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, "trainer"), max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=options.warmup_steps, weight_decay=options.weight_decay,
+        logging_steps=options.logging_steps, save_strategy="no", report_to="none", remove_unused_columns=False,
+        seed=options.seed, use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=load_records(os.path.join(data_dir, f"{split}.jsonl")),
+        data_collator=DenseCollator(processor, image_folder=data_dir),
+    )
+    start = time.time()
+    trainer.train()
+    seconds = time.time() - start
+    model.eval()
+    save_llava_onevision(model, out_dir, layout="legacy", tokenizer=tokenizer, image_processor=image_processor(config),
+                         license="apache-2.0")
+    save_tokenizer(out_dir)  # replace what the running transformers wrote: these files load on 4.57 and 5.x
+    log = {"options": asdict(options), "train_seconds": seconds, "log_history": trainer.state.log_history,
+           "num_parameters": sum(p.numel() for p in model.parameters())}
+    with open(os.path.join(out_dir, "training_log.json"), "w") as f:
+        json.dump(log, f, indent=1)
+    return log

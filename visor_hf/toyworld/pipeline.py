@@ -1,0 +1,317 @@
+"""The whole VISOR path on the toy world, stage by stage, with the package's own commands.
+
+    python -m visor_hf.toyworld run --workdir toy_run                       # full run (about an hour on 2 CPU cores)
+    python -m visor_hf.toyworld run --workdir toy_run --save-checkpoint --write-docs   # + repo checkpoint, README, BENCHMARKS
+    python -m visor_hf.toyworld run --workdir /tmp/t --preset ci            # the CI-sized run (a minute or two)
+    python -m visor_hf.toyworld run --workdir toy_run --from search         # resume from a stage
+
+Stages (each writes into the work directory; `commands.sh` there lists the exact commands run):
+
+    data          world.write_world: train (3 questions an image), val (search), label (pseudo-labels), test
+    dense         dense.train_dense: LLaVA-OneVision from random weights, transformers' Trainer
+    convert       python -m visor_hf.convert_llava_ov --src dense --dst visor --cross-attn-layers .. --self-attn-layers ..
+    stage1        python -m visor_hf.train stage1       (new parts only, full configuration)
+    universal     python -m visor_hf.train universal    (language model + new parts, one configuration a step)
+    search        python -m visor_hf.train search       (every subset of the self-attention layers, on val)
+    pseudo-label  python -m visor_hf.train pseudo-label (on label, grouped by question family)
+    router        python -m visor_hf.train router       (router MLP on the labels)
+    evaluate      evaluate.evaluate on test: dense, every viable configuration, budget="auto"
+    report        report.write_report: results.md/json/png (+ README.md/BENCHMARKS.md with --write-docs)
+    checkpoint    with --save-checkpoint: the routed model into visor_hf/toyworld/checkpoint/
+
+The training stages are subprocesses, exactly what a user types; the rest runs in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from .model import ModelSize
+
+STAGES = ("data", "dense", "convert", "stage1", "universal", "search", "pseudo-label", "router", "evaluate", "report",
+          "checkpoint")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINT_DIR = os.path.join(PACKAGE_DIR, "checkpoint")
+RESULTS_DIR = os.path.join(PACKAGE_DIR, "results")
+
+
+@dataclass
+class Preset:
+    sizes: dict
+    questions_per_image: int
+    model: ModelSize
+    cross_attn_layers: str
+    self_attn_layers: str
+    dense_steps: int
+    dense_lr: float
+    stage1_steps: int
+    stage1_lr: float
+    universal_steps: int
+    universal_lr: float
+    router_steps: int
+    router_lr: float
+    batch_size: int
+    group_by: str | None = "family"
+    warmup_steps: int = 100
+    extra_train_args: list = field(default_factory=list)
+
+
+PRESETS = {
+    # The checkpoint kept in the repository.
+    "full": Preset(
+        sizes={"train": 16000, "val": 500, "label": 1500, "test": 1500}, questions_per_image=3, model=ModelSize(),
+        cross_attn_layers="1,3,5", self_attn_layers="1,3,5",
+        dense_steps=3000, dense_lr=2e-3, stage1_steps=300, stage1_lr=1e-3, universal_steps=1200, universal_lr=5e-4,
+        router_steps=300, router_lr=1e-3, batch_size=16,
+    ),
+    # What tests/test_toyworld.py runs: the same path, tiny everything.
+    "ci": Preset(
+        sizes={"train": 32, "val": 10, "label": 20, "test": 10}, questions_per_image=3,
+        model=ModelSize(vision_hidden=16, text_hidden=32, text_layers=3, text_heads=2, text_kv_heads=1, text_intermediate=64),
+        cross_attn_layers="0,2", self_attn_layers="1,2",
+        dense_steps=12, dense_lr=3e-3, stage1_steps=3, stage1_lr=3e-3, universal_steps=6, universal_lr=1e-3,
+        router_steps=4, router_lr=1e-2, batch_size=8, warmup_steps=2,
+    ),
+}
+
+
+class Run:
+    """A work directory and the commands run in it."""
+
+    def __init__(self, workdir: str, preset_name: str):
+        self.workdir = os.path.abspath(workdir)
+        self.preset_name = preset_name
+        self.preset = PRESETS[preset_name]
+        os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
+        self.timings_path = self.path("timings.json")
+        self.timings = json.load(open(self.timings_path)) if os.path.exists(self.timings_path) else {}
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.workdir, *parts)
+
+    def record(self, stage: str, seconds: float, command: str | None = None) -> None:
+        self.timings[stage] = round(seconds, 1)
+        with open(self.timings_path, "w") as f:
+            json.dump(self.timings, f, indent=1)
+        if command:
+            with open(self.path("commands.sh"), "a") as f:
+                f.write(f"# {stage} ({seconds:.0f} s)\n{command}\n")
+
+    def shell(self, stage: str, argv: list[str]) -> str:
+        """Run `python -m ...` as a subprocess, log to logs/{stage}.log; returns the log text."""
+        command = [sys.executable, *argv]
+        printable = " ".join(shlex.quote(a) for a in ["python", *argv])
+        print(f"[toyworld] {stage}: {printable}", flush=True)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        start = time.time()
+        with open(self.path("logs", f"{stage}.log"), "w") as log:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        text = open(self.path("logs", f"{stage}.log")).read()
+        if result.returncode != 0:
+            raise RuntimeError(f"{stage} failed (exit {result.returncode}); last lines of its log:\n{text[-3000:]}")
+        self.record(stage, time.time() - start, printable)
+        return text
+
+    def train_args(self, steps: int, lr: float, batch_size: int | None = None) -> list[str]:
+        p = self.preset
+        return [
+            "--max_steps", str(steps), "--learning_rate", str(lr), "--per_device_train_batch_size",
+            str(batch_size or p.batch_size), "--lr_scheduler_type", "cosine", "--warmup_steps",
+            str(min(p.warmup_steps, max(1, steps // 10))), "--logging_steps", str(max(1, min(25, steps // 10))),
+            "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--use_cpu", "--disable_tqdm", "true",
+            *p.extra_train_args,
+        ]
+
+
+def logged_losses(text: str) -> list[float]:
+    """Training losses Trainer printed to a log ({'loss': 1.23, ...} on 4.57, {'loss': '1.23', ...} on 5.x)."""
+    return [float(v) for v in re.findall(r"'loss': '?([0-9.]+(?:e-?\d+)?)", text)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+
+
+def stage_data(run: Run) -> None:
+    from .world import write_world
+
+    start = time.time()
+    p = run.preset
+    write_world(run.path("data"), p.sizes, seed=0, questions_per_image={"train": p.questions_per_image})
+    run.record("data", time.time() - start)
+
+
+def stage_dense(run: Run) -> None:
+    from .dense import DenseTrainingOptions, train_dense
+
+    p = run.preset
+    options = DenseTrainingOptions(size=p.model, max_steps=p.dense_steps, batch_size=p.batch_size,
+                                   learning_rate=p.dense_lr, warmup_steps=p.warmup_steps,
+                                   logging_steps=max(1, min(25, p.dense_steps // 10)))
+    start = time.time()
+    train_dense(run.path("data"), run.path("dense"), options)
+    run.record("dense", time.time() - start)
+    shutil.rmtree(run.path("dense", "trainer"), ignore_errors=True)
+
+
+def stage_convert(run: Run) -> None:
+    p = run.preset
+    shutil.rmtree(run.path("visor"), ignore_errors=True)
+    run.shell("convert", ["-m", "visor_hf.convert_llava_ov", "--src", "dense", "--dst", "visor", "--cross-attn-layers",
+                          p.cross_attn_layers, "--self-attn-layers", p.self_attn_layers, "--no-progress"])
+
+
+def data_args(split: str) -> list[str]:
+    return ["--data", f"data/{split}.jsonl", "--image_folder", "data"]
+
+
+def stage_train(run: Run, stage: str) -> None:
+    p = run.preset
+    source, steps, lr = {"stage1": ("visor", p.stage1_steps, p.stage1_lr),
+                         "universal": ("stage1", p.universal_steps, p.universal_lr)}[stage]
+    run.shell(stage, ["-m", "visor_hf.train", stage, "--model", source, *data_args("train"), "--output_dir", stage,
+                      *run.train_args(steps, lr)])
+
+
+def stage_search(run: Run) -> None:
+    run.shell("search", ["-m", "visor_hf.train", "search", "--model", "universal", *data_args("val"),
+                         "--output_dir", "searched", "--batch_size", "32"])
+
+
+def stage_pseudo_label(run: Run) -> None:
+    group = ["--group_by", run.preset.group_by] if run.preset.group_by else []
+    run.shell("pseudo-label", ["-m", "visor_hf.train", "pseudo-label", "--model", "searched", *data_args("label"),
+                               "--output", "labels.jsonl", "--batch_size", "32", *group])
+
+
+def stage_router(run: Run) -> None:
+    p = run.preset
+    run.shell("router", ["-m", "visor_hf.train", "router", "--model", "searched", "--labels", "labels.jsonl",
+                         *data_args("label"), "--output_dir", "final",
+                         *run.train_args(p.router_steps, p.router_lr, batch_size=2 * p.batch_size)])
+
+
+def stage_evaluate(run: Run) -> None:
+    import torch
+
+    from ..modeling_visor import VisorForConditionalGeneration
+    from ..processing_visor import VisorProcessor
+    from .dense import load_dense
+    from .evaluate import evaluate, summarise
+    from .world import load_split
+
+    start = time.time()
+    test = load_split(run.path("data"), "test")
+    folder = run.path("data")
+    results = {"budgets": {}, "rows": {}}
+    with torch.inference_mode():
+        dense, dense_processor = load_dense(run.path("dense"))
+        rows = evaluate(dense, dense_processor, test, folder)
+        results["dense"], results["rows"]["dense"] = summarise(rows), rows
+        del dense
+        model = VisorForConditionalGeneration.from_pretrained(run.path("final")).eval()
+        processor = VisorProcessor.from_pretrained(run.path("final"))
+        budgets = [tuple(c) for c in model.config.configurations] + ["auto"]
+        for budget in budgets:
+            name = budget if budget == "auto" else str(budget)
+            rows = evaluate(model, processor, test, folder, budget=budget)
+            results["budgets"][name], results["rows"][name] = summarise(rows), rows
+            print(f"[toyworld] evaluate {name}: accuracy {results['budgets'][name]['all']['accuracy']:.3f}", flush=True)
+    config = model.config
+    results["model"] = {
+        "num_layers": config.num_layers, "cross_attn_layers": config.cross_attn_layers,
+        "self_attn_layers": config.self_attn_layers, "configurations": config.configurations,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "dense_num_parameters": json.load(open(run.path("dense", "training_log.json")))["num_parameters"],
+    }
+    results["machine"] = machine_description()
+    results["preset"] = run.preset_name
+    with open(run.path("results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    run.record("evaluate", time.time() - start)
+
+
+def machine_description() -> dict:
+    import torch
+    import transformers
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def stage_report(run: Run, write_docs: bool) -> None:
+    from .report import write_report
+
+    write_report(run.workdir, results_dir=RESULTS_DIR if write_docs else run.path("report"), write_docs=write_docs)
+
+
+def stage_checkpoint(run: Run, destination: str = CHECKPOINT_DIR) -> None:
+    from .report import save_checkpoint
+
+    save_checkpoint(run.workdir, destination)
+
+
+def run_pipeline(workdir: str, preset: str = "full", first: str = "data", last: str = "report",
+                 write_docs: bool = False, save_checkpoint_to: str | None = None) -> Run:
+    run = Run(workdir, preset)
+    stages = STAGES[STAGES.index(first) : STAGES.index(last) + 1]
+    with open(run.path("preset.json"), "w") as f:
+        json.dump({"name": preset, **asdict(run.preset)}, f, indent=1)
+    for stage in stages:
+        print(f"[toyworld] === {stage} ===", flush=True)
+        if stage == "data":
+            stage_data(run)
+        elif stage == "dense":
+            stage_dense(run)
+        elif stage == "convert":
+            stage_convert(run)
+        elif stage in ("stage1", "universal"):
+            stage_train(run, stage)
+        elif stage == "search":
+            stage_search(run)
+        elif stage == "pseudo-label":
+            stage_pseudo_label(run)
+        elif stage == "router":
+            stage_router(run)
+        elif stage == "evaluate":
+            stage_evaluate(run)
+        elif stage == "report":
+            stage_report(run, write_docs)
+        elif stage == "checkpoint" and save_checkpoint_to:
+            stage_checkpoint(run, save_checkpoint_to)
+    return run
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m visor_hf.toyworld", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="Run the pipeline (or part of it) in a work directory.")
+    run_parser.add_argument("--workdir", required=True)
+    run_parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    run_parser.add_argument("--from", dest="first", default="data", choices=STAGES)
+    run_parser.add_argument("--to", dest="last", default="checkpoint", choices=STAGES)
+    run_parser.add_argument("--write-docs", action="store_true",
+                            help="Write the results into visor_hf/toyworld/results/, README.md and BENCHMARKS.md.")
+    run_parser.add_argument("--save-checkpoint", nargs="?", const=CHECKPOINT_DIR, default=None, metavar="DIR",
+                            help=f"Copy the routed model to DIR (default {CHECKPOINT_DIR}).")
+    report_parser = sub.add_parser("report", help="Regenerate the table, plot and docs from a finished run.")
+    report_parser.add_argument("--workdir", required=True)
+    report_parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run_pipeline(args.workdir, args.preset, args.first, args.last, args.write_docs, args.save_checkpoint)
+    else:
+        stage_report(Run(args.workdir, json.load(open(os.path.join(args.workdir, "preset.json")))["name"]), args.write_docs)

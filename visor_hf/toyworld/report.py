@@ -1,0 +1,276 @@
+"""Tables, plot and checkpoint from a finished toy-world run (`pipeline.py`).
+
+`write_report` reads `results.json` of a work directory and writes `results.md`, `results.json` (summaries,
+no per-question rows) and `results.png`; with `write_docs` it also replaces the generated block of the
+"Toy world" sections of README.md and BENCHMARKS.md (between `<!-- toyworld:... -->` markers) and states,
+with the numbers, whether each of the paper's three claims holds here:
+
+    (a) the cross-attention-only budget (0 self-attention layers) is close to dense on coarse questions:
+        coarse accuracy at budget 0 >= dense's - 3 points;
+    (b) self-attention layers recover fine-grained accuracy: fine accuracy at the full budget >= budget 0's
+        + 10 points;
+    (c) budget="auto" keeps >= 99 % of the full budget's accuracy with <= 90 % of its FLOPs, and runs more
+        self-attention layers on fine questions than on coarse ones.
+
+`save_checkpoint` copies the routed model into the package (`visor_hf/toyworld/checkpoint/`), with the
+converter's tokenizer files (written as JSON edits of hand-written files, so that 4.57 and 5.x both load
+them) and a short model card.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(os.path.dirname(PACKAGE_DIR))
+MARKERS = {"README.md": "toyworld:readme", "BENCHMARKS.md": "toyworld:benchmarks"}
+COARSE_THRESHOLD, FINE_GAIN, AUTO_ACCURACY, AUTO_FLOPS = 0.03, 0.10, 0.99, 0.90
+
+
+def load_results(workdir: str) -> dict:
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _layers(name: str) -> str:
+    """A configuration's name, str(tuple), as a table entry: "none" or "1,3"."""
+    layers = ast.literal_eval(name)
+    return ",".join(map(str, layers)) if layers else "none"
+
+
+def fixed_budgets(results: dict) -> list[str]:
+    return [name for name in results["budgets"] if name != "auto"]
+
+
+def claims(results: dict) -> list[dict]:
+    budgets = results["budgets"]
+    names = fixed_budgets(results)
+    zero, full, auto, dense = budgets[names[0]], budgets[names[-1]], budgets["auto"], results["dense"]
+    a_gap = zero["coarse"]["accuracy"] - dense["coarse"]["accuracy"]
+    b_gain = full["fine"]["accuracy"] - zero["fine"]["accuracy"]
+    ratio = auto["all"]["accuracy"] / max(1e-9, full["all"]["accuracy"])
+    flops = auto["all"]["relative_flops"] / full["all"]["relative_flops"]
+    layers_fine, layers_coarse = auto["fine"]["mean_self_attn_layers"], auto["coarse"]["mean_self_attn_layers"]
+    return [
+        {"claim": "(a) 0 self-attention layers close to dense on coarse questions",
+         "holds": a_gap >= -COARSE_THRESHOLD,
+         "evidence": f"coarse accuracy {_pct(zero['coarse']['accuracy'])} % at budget 0 vs {_pct(dense['coarse']['accuracy'])} % "
+                     f"dense ({100 * a_gap:+.1f} points; criterion: >= -{100 * COARSE_THRESHOLD:.0f}), at "
+                     f"{zero['coarse']['relative_flops']:.2f}x dense's LLM FLOPs"},
+        {"claim": "(b) self-attention layers recover fine-grained accuracy",
+         "holds": b_gain >= FINE_GAIN,
+         "evidence": f"fine accuracy {_pct(zero['fine']['accuracy'])} % at budget 0 -> "
+                     + " -> ".join(f"{_pct(budgets[n]['fine']['accuracy'])} %" for n in names[1:])
+                     + f" (full; {100 * b_gain:+.1f} points, criterion >= +{100 * FINE_GAIN:.0f}); dense "
+                     f"{_pct(dense['fine']['accuracy'])} %"},
+        {"claim": "(c) budget=\"auto\": >= 99 % of full accuracy at clearly fewer FLOPs, more layers for fine questions",
+         "holds": ratio >= AUTO_ACCURACY and flops <= AUTO_FLOPS and layers_fine > layers_coarse,
+         "evidence": f"accuracy {_pct(auto['all']['accuracy'])} % vs {_pct(full['all']['accuracy'])} % full "
+                     f"({100 * ratio:.1f} %); LLM FLOPs {auto['all']['relative_flops']:.2f}x vs {full['all']['relative_flops']:.2f}x "
+                     f"dense ({100 * flops:.0f} % of full's); self-attention layers per question {layers_fine:.2f} fine vs "
+                     f"{layers_coarse:.2f} coarse"},
+    ]
+
+
+def main_table(results: dict) -> str:
+    model = results["model"]
+    lines = [
+        "| model | self-attention layers on visual tokens | coarse acc. % | fine acc. % | all % | LLM prefill FLOPs vs dense |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    dense = results["dense"]
+    lines.append(f"| dense LLaVA-OV (baseline) | all {model['num_layers']} | {_pct(dense['coarse']['accuracy'])} | "
+                 f"{_pct(dense['fine']['accuracy'])} | {_pct(dense['all']['accuracy'])} | 1.00 |")
+    names = fixed_budgets(results)
+    for i, name in enumerate(names):
+        s = results["budgets"][name]
+        k = len(ast.literal_eval(name))
+        label = f"VISOR, budget={k}" + (' ("full")' if i == len(names) - 1 else "")
+        lines.append(f"| {label} | {_layers(name)} | {_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | "
+                     f"{_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
+    s = results["budgets"]["auto"]
+    lines.append(f"| **VISOR, budget=\"auto\"** | router: {s['all']['mean_self_attn_layers']:.2f} on average | "
+                 f"{_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | {_pct(s['all']['accuracy'])} | "
+                 f"{s['all']['relative_flops']:.2f} |")
+    return "\n".join(lines)
+
+
+def groups(results: dict) -> list[str]:
+    families = [k for k in results["dense"] if k not in ("all", "coarse", "fine")]
+    kind = {r["family"]: r["kind"] for r in results.get("rows", {}).get("dense", [])}
+    order = {"coarse": 0, "fine": 1}
+    return ["coarse", "fine"] + sorted(families, key=lambda f: (order.get(kind.get(f), 2), families.index(f)))
+
+
+def router_table(results: dict) -> str:
+    auto = results["budgets"]["auto"]
+    configurations = fixed_budgets(results)
+    lines = [
+        "| questions | " + " | ".join(f"picks {_layers(c)}" for c in configurations)
+        + " | mean layers | auto acc. % | full acc. % | auto FLOPs vs dense |",
+        "| --- | " + " | ".join("---:" for _ in configurations) + " | ---: | ---: | ---: | ---: |",
+    ]
+    full = results["budgets"][configurations[-1]]
+    for group in groups(results):
+        if group not in auto:
+            continue
+        s = auto[group]
+        shares = " | ".join(f"{_pct(s['configurations'].get(c, 0.0))} %" for c in configurations)
+        label = f"**{group}**" if group in ("coarse", "fine") else group
+        lines.append(f"| {label} | {shares} | {s['mean_self_attn_layers']:.2f} | {_pct(s['accuracy'])} | "
+                     f"{_pct(full[group]['accuracy'])} | {s['relative_flops']:.2f} |")
+    return "\n".join(lines)
+
+
+def family_table(results: dict) -> str:
+    names = ["dense"] + fixed_budgets(results) + ["auto"]
+    header = ["dense"] + [f"budget {_layers(n)}" for n in fixed_budgets(results)] + ["auto"]
+    lines = ["| questions (count) | " + " | ".join(header) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    for group in ["all"] + groups(results):
+        stats = [results["dense"] if n == "dense" else results["budgets"][n] for n in names]
+        lines.append(f"| {group} ({stats[0][group]['questions']}) | " + " | ".join(_pct(s[group]["accuracy"]) for s in stats) + " |")
+    return "\n".join(lines)
+
+
+def claims_block(results: dict) -> str:
+    return "\n".join(f"- {c['claim']}: **{'holds' if c['holds'] else 'does not hold'}**. {c['evidence']}."
+                     for c in claims(results))
+
+
+def provenance(results: dict, workdir: str) -> str:
+    timings_path = os.path.join(workdir, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+    machine = results["machine"]
+    model = results["model"]
+    stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    return (f"Run: preset `{results['preset']}` on {machine['cpu_count']} CPU cores ({machine['processor']}, "
+            f"{machine['torch_threads']} torch threads), torch {machine['torch']}, transformers {machine['transformers']}; "
+            f"{sum(timings.values()) / 60:.0f} min in all ({stages}). Dense model {model['dense_num_parameters'] / 1e6:.2f} M "
+            f"parameters, VISOR {model['num_parameters'] / 1e6:.2f} M; {model['num_layers']} language-model layers, "
+            f"cross-attention after {model['cross_attn_layers']}, self-attention layers {model['self_attn_layers']}, "
+            f"viable configurations {model['configurations']}. Test set: {results['dense']['all']['questions']} questions, "
+            f"one per image.")
+
+
+def markdown(results: dict, workdir: str, plot_name: str = "results.png") -> str:
+    return "\n\n".join([
+        main_table(results),
+        "Accuracy is exact match of the one-word answer (greedy); FLOPs are the language model's prefill "
+        "(`visor_hf.flops`, the router's MLP included for \"auto\"; the vision encoder, the same for all, is left out).",
+        "The paper's claims on this world:\n\n" + claims_block(results),
+        "What the router picks (share of test questions per configuration of self-attention layers):\n\n" + router_table(results),
+        "Accuracy (%) per question family:\n\n" + family_table(results),
+        provenance(results, workdir),
+    ])
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    names = fixed_budgets(results)
+    for group, colour in (("coarse", "tab:blue"), ("fine", "tab:red")):
+        xs = [results["budgets"][n][group]["relative_flops"] for n in names]
+        ys = [100 * results["budgets"][n][group]["accuracy"] for n in names]
+        ax.plot(xs, ys, "o-", color=colour, label=f"{group}: fixed budgets")
+        for n, x, y in zip(names, xs, ys):
+            ax.annotate(str(len(ast.literal_eval(n))), (x, y),
+                        textcoords="offset points", xytext=(4, -10), fontsize=8, color=colour)
+        auto = results["budgets"]["auto"][group]
+        ax.plot([auto["relative_flops"]], [100 * auto["accuracy"]], "*", ms=14, color=colour, label=f"{group}: auto")
+        ax.plot([1.0], [100 * results["dense"][group]["accuracy"]], "s", ms=8, mfc="none", color=colour,
+                label=f"{group}: dense")
+    ax.set_xlabel("language-model prefill FLOPs relative to dense LLaVA-OV")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("VISOR on the toy world (numbers: self-attention layers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def replace_block(path: str, marker: str, body: str) -> None:
+    """Replace the text between `<!-- marker:start -->` and `<!-- marker:end -->` in `path`."""
+    text = open(path, encoding="utf-8").read()
+    pattern = re.compile(rf"(<!-- {re.escape(marker)}:start -->\n).*?(<!-- {re.escape(marker)}:end -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path}: no <!-- {marker}:start --> ... <!-- {marker}:end --> block to fill")
+    text = pattern.sub(lambda m: m.group(1) + body.strip() + "\n" + m.group(2), text)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_report(workdir: str, results_dir: str, write_docs: bool = False) -> str:
+    results = load_results(workdir)
+    os.makedirs(results_dir, exist_ok=True)
+    text = markdown(results, workdir)
+    with open(os.path.join(results_dir, "results.md"), "w") as f:
+        f.write(text + "\n")
+    summary = {k: v for k, v in results.items() if k != "rows"}
+    with open(os.path.join(results_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot(results, os.path.join(results_dir, "results.png"))
+    if write_docs:
+        relative_plot = os.path.relpath(os.path.join(results_dir, "results.png"), REPO_DIR)
+        readme = "\n\n".join([main_table(results), claims_block(results),
+                              "Router picks per question type:\n\n" + router_table(results),
+                              f"![accuracy vs FLOPs]({relative_plot})", provenance(results, workdir)])
+        replace_block(os.path.join(REPO_DIR, "README.md"), MARKERS["README.md"], readme)
+        benchmarks = markdown(results, workdir) + f"\n\n![accuracy vs FLOPs]({relative_plot})"
+        replace_block(os.path.join(REPO_DIR, "BENCHMARKS.md"), MARKERS["BENCHMARKS.md"], benchmarks)
+    print(text)
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint
+# --------------------------------------------------------------------------------------------------
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "configuration_visor.py",
+               "modeling_visor.py", "processing_visor.py", "router_eval.json")
+# Processor files come from the converter's output, not from the trained folder: training stages re-save the
+# processor with the running transformers, and tokenizer files written by 5.x do not load in 4.57.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                   "processor_config.json", "chat_template.jinja")
+
+
+def save_checkpoint(workdir: str, destination: str) -> None:
+    final, converted = os.path.join(workdir, "final"), os.path.join(workdir, "visor")
+    shutil.rmtree(destination, ignore_errors=True)
+    os.makedirs(destination)
+    for name in MODEL_FILES:
+        shutil.copyfile(os.path.join(final, name), os.path.join(destination, name))
+    for name in PROCESSOR_FILES:
+        if os.path.exists(os.path.join(converted, name)):
+            shutil.copyfile(os.path.join(converted, name), os.path.join(destination, name))
+    shutil.copyfile(os.path.join(workdir, "searched", "search.json"), os.path.join(destination, "search.json"))
+    results = load_results(workdir) if os.path.exists(os.path.join(workdir, "results.json")) else None
+    with open(os.path.join(destination, "README.md"), "w") as f:
+        f.write(model_card(results))
+
+
+def model_card(results: dict | None) -> str:
+    text = (
+        "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [visor, toy]\n---\n"
+        "# VISOR toy-world checkpoint\n\n"
+        "A tiny LLaVA-OneVision (SigLIP + Qwen2, random init) trained on CPU on the synthetic world of "
+        "`visor_hf.toyworld`, converted to VISOR and trained through the whole VISOR pipeline (stage 1, universal, "
+        "configuration search, pseudo-labels, router). It answers questions about 64 x 64 toy images only.\n\n"
+        "    python -m visor_hf.demo                       # uses this folder\n"
+        "    python -m visor_hf.toyworld run --workdir toy_run --save-checkpoint --write-docs   # regenerates it\n"
+    )
+    if results:
+        text += "\n## Results on the toy world's test split\n\n" + main_table(results) + "\n"
+    return text

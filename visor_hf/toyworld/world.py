@@ -1,0 +1,261 @@
+"""A synthetic visual question-answering world with coarse and fine-grained questions.
+
+Every image is a 64 x 64 canvas with one large shape and 2-4 small shapes (colours: red, green, blue, yellow,
+purple; kinds: circle, square, triangle). Under each small shape a tiny digit (3 x 5 pixels, a bitmap font
+drawn here, no system font) is printed. Questions come in two kinds, named in each record:
+
+    coarse (the whole image at low resolution is enough; no relation between two places)
+        colour_large   what colour is the large shape?                   -> red | green | ...
+        shape_large    what shape is the large shape?                    -> circle | square | triangle
+        exists_colour  is there a blue shape?                            -> yes | no   (balanced)
+    fine (a 3 x 5 pixel detail, or a relation between distant parts of the image)
+        number_below   what is the number below the red circle?          -> 0 ... 9
+        count_left     how many small shapes are left of the large shape? -> 0 ... 4
+
+Why these are "fine" for VISOR: the digit of `number_below` sits one patch row *below* its shape, so binding
+the two needs the visual tokens to talk to each other (a self-attention layer); cross-attention reads visual
+tokens that never changed, and its positional encoding (a kernel-7 convolution along the token sequence) does
+not reach one row down. `count_left` compares the position of every small shape with the large one's.
+
+Records are LLaVA conversation records, the format of `visor_hf.train`:
+
+    {"id": "test-000012", "image": "test/000012.png", "kind": "fine", "family": "number_below",
+     "question_families": ["number_below"],
+     "conversations": [{"from": "human", "value": "<image>\\nwhat is the number below the red circle?"},
+                       {"from": "gpt", "value": "7"}]}
+
+Training records ask `questions_per_image` questions of distinct families about one image (kind and family
+"mixed"); the other splits ask one. Everything is a function of (seed, split, index): `random.Random` seeded
+with a string is the same on every machine and Python version.
+
+Usage:
+    write_world("toy/data", {"train": 2000, "test": 300}, seed=0)          # PNGs + train.jsonl, test.jsonl
+    dataset = load_split("toy/data", "test")                               # a datasets.Dataset
+    scene = sample_scene(random.Random("demo")); image = render(scene)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image, ImageDraw
+
+CANVAS = 64
+COLOURS = {
+    "red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 215), "yellow": (225, 195, 30),
+    "purple": (145, 60, 185),
+}
+SHAPES = ("circle", "square", "triangle")
+COARSE = ("colour_large", "shape_large", "exists_colour")
+FINE = ("number_below", "count_left")
+FAMILIES = COARSE + FINE
+KIND = {**{f: "coarse" for f in COARSE}, **{f: "fine" for f in FINE}}
+
+# 3 x 5 bitmap digits, rows top to bottom.
+DIGITS = {
+    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "001", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+}
+LABEL_GAP = 2  # pixels between a small shape and its digit
+
+
+@dataclass
+class Shape:
+    colour: str
+    kind: str
+    x: int  # top-left corner
+    y: int
+    size: int
+    label: str | None = None  # the digit printed below (small shapes)
+
+    @property
+    def centre_x(self) -> float:
+        return self.x + self.size / 2
+
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) covering the shape and its label, exclusive ends."""
+        bottom = self.y + self.size + (LABEL_GAP + 5 if self.label is not None else 0)
+        left = min(self.x, int(self.centre_x) - 1)
+        return left, self.y, max(self.x + self.size, int(self.centre_x) + 2), bottom
+
+
+@dataclass
+class Scene:
+    large: Shape
+    small: list[Shape]
+    background: tuple[int, int, int] = (245, 245, 245)
+    tints: dict = field(default_factory=dict)  # per-shape colour jitter, index -> (dr, dg, db)
+
+
+def _overlaps(a, b, margin: int) -> bool:
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+
+
+def sample_scene(rng: random.Random, canvas: int = CANVAS) -> Scene:
+    """One large shape and 2-4 small labelled shapes, no overlaps; small shapes have distinct (colour, kind)
+    and distinct digits, and none is horizontally level with the large shape's centre (so left/right is clear)."""
+    while True:
+        size = rng.randint(20, 26)
+        large = Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(2, canvas - size - 2),
+                      rng.randint(2, canvas - size - 2), size)
+        pairs = rng.sample([(c, k) for c in COLOURS for k in SHAPES], 4)
+        digits = rng.sample(sorted(DIGITS), 4)
+        small, boxes = [], [large.box()]
+        for (colour, kind), digit in zip(pairs[: rng.randint(2, 4)], digits):
+            for _ in range(50):
+                s = rng.randint(7, 9)
+                shape = Shape(colour, kind, rng.randint(1, canvas - s - 1), rng.randint(1, canvas - s - LABEL_GAP - 6), s, digit)
+                if abs(shape.centre_x - large.centre_x) < 6:
+                    continue
+                if all(not _overlaps(shape.box(), other, 2) for other in boxes):
+                    small.append(shape)
+                    boxes.append(shape.box())
+                    break
+        if len(small) >= 2:
+            background = tuple(rng.randint(232, 252) for _ in range(3))
+            tints = {i: tuple(rng.randint(-20, 20) for _ in range(3)) for i in range(1 + len(small))}
+            return Scene(large, small, background, tints)
+
+
+def _fill(colour: str, tint) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + d)) for c, d in zip(COLOURS[colour], tint))
+
+
+def render(scene: Scene, canvas: int = CANVAS) -> Image.Image:
+    image = Image.new("RGB", (canvas, canvas), scene.background)
+    draw = ImageDraw.Draw(image)
+    for i, shape in enumerate([scene.large, *scene.small]):
+        fill = _fill(shape.colour, scene.tints.get(i, (0, 0, 0)))
+        x0, y0, x1, y1 = shape.x, shape.y, shape.x + shape.size - 1, shape.y + shape.size - 1
+        if shape.kind == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+        if shape.label is not None:
+            left, top = int(shape.centre_x) - 1, y1 + 1 + LABEL_GAP
+            for dy, row in enumerate(DIGITS[shape.label]):
+                for dx, bit in enumerate(row):
+                    if bit == "1":
+                        image.putpixel((left + dx, top + dy), (20, 20, 20))
+    return image
+
+
+# --------------------------------------------------------------------------------------------------
+# Questions
+# --------------------------------------------------------------------------------------------------
+
+
+def ask(scene: Scene, family: str, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) of `family` about `scene`; every answer is one word."""
+    large, small = scene.large, scene.small
+    if family == "colour_large":
+        return "what colour is the large shape?", large.colour
+    if family == "shape_large":
+        return "what shape is the large shape?", large.kind
+    if family == "exists_colour":
+        present = {large.colour} | {s.colour for s in small}
+        absent = [c for c in COLOURS if c not in present]
+        if absent and rng.random() < 0.5:
+            return f"is there a {rng.choice(absent)} shape?", "no"
+        return f"is there a {rng.choice(sorted(present))} shape?", "yes"
+    if family == "number_below":
+        target = rng.choice(small)
+        return f"what is the number below the {target.colour} {target.kind}?", target.label
+    if family == "count_left":
+        return "how many small shapes are left of the large shape?", str(sum(s.centre_x < large.centre_x for s in small))
+    raise ValueError(f"family={family!r}; allowed: {FAMILIES}")
+
+
+def vocabulary() -> list[str]:
+    """Every word a question, an answer or the chat template of this world uses."""
+    words = {"what", "colour", "is", "the", "large", "shape", "?", "there", "a", "number", "below", "how", "many",
+             "small", "shapes", "are", "left", "of", "yes", "no"}
+    words |= set(COLOURS) | set(SHAPES) | set(DIGITS)
+    words |= {"system", "user", "assistant", "You", "helpful", "."}  # the chat template's roles and system prompt
+    return sorted(words)
+
+
+def make_record(split: str, index: int, seed: int, families, image_path: str) -> tuple[dict, Image.Image]:
+    rng = random.Random(f"visor-toyworld/{seed}/{split}/{index}")
+    scene = sample_scene(rng)
+    turns = []
+    for i, family in enumerate(families):
+        question, answer = ask(scene, family, rng)
+        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question}, {"from": "gpt", "value": answer}]
+    single = len(families) == 1
+    record = {
+        "id": f"{split}-{index:06d}", "image": image_path, "conversations": turns,
+        "kind": KIND[families[0]] if single else "mixed", "family": families[0] if single else "mixed",
+        "question_families": list(families),
+    }
+    return record, render(scene)
+
+
+def split_records(split: str, num_records: int, seed: int = 0, questions_per_image: int = 1, families=FAMILIES):
+    """Yield (record, image) pairs. One question per record cycles through `families` (balanced); several
+    questions per record draw distinct families at random."""
+    for index in range(num_records):
+        if questions_per_image == 1:
+            chosen = [families[index % len(families)]]
+        else:
+            chosen = random.Random(f"visor-toyworld/{seed}/{split}/{index}/families").sample(list(families), questions_per_image)
+        yield make_record(split, index, seed, chosen, f"{split}/{index:06d}.png")
+
+
+def write_world(out_dir: str, sizes: dict, seed: int = 0, questions_per_image: dict | None = None) -> dict:
+    """Write `{split}.jsonl` and `{split}/NNNNNN.png` for each split of `sizes` ({"train": 2000, ...}).
+    Returns {split: path of its jsonl}."""
+    questions_per_image = questions_per_image or {}
+    paths = {}
+    for split, count in sizes.items():
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        path = os.path.join(out_dir, f"{split}.jsonl")
+        with open(path, "w") as f:
+            for record, image in split_records(split, count, seed, questions_per_image.get(split, 1)):
+                image.save(os.path.join(out_dir, record["image"]))
+                f.write(json.dumps(record) + "\n")
+        paths[split] = path
+    with open(os.path.join(out_dir, "world.json"), "w") as f:
+        json.dump({"seed": seed, "sizes": sizes, "questions_per_image": questions_per_image, "canvas": CANVAS,
+                   "families": {f: KIND[f] for f in FAMILIES}}, f, indent=1)
+    return paths
+
+
+def load_split(out_dir: str, split: str):
+    """A `datasets.Dataset` of one written split (image paths relative to `out_dir`)."""
+    from ..training.data import load_records
+
+    return load_records(os.path.join(out_dir, f"{split}.jsonl"))
+
+
+def in_memory_dataset(split: str, num_records: int, seed: int = 0, questions_per_image: int = 1):
+    """A `datasets.Dataset` with the images inside (an `Image` column), for use without files."""
+    import datasets
+
+    rows = []
+    for record, image in split_records(split, num_records, seed, questions_per_image):
+        rows.append({**record, "image": image})
+    features = datasets.Features({
+        "id": datasets.Value("string"), "image": datasets.Image(),
+        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+        "kind": datasets.Value("string"), "family": datasets.Value("string"),
+        "question_families": [datasets.Value("string")],
+    })
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def demo_scene() -> Scene:
+    """The scene of the demo's default image (fixed seed)."""
+    return sample_scene(random.Random("visor-toyworld/demo"))
+
+
+def describe(scene: Scene) -> dict:
+    return asdict(scene)
