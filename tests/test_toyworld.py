@@ -28,6 +28,10 @@ def test_world_is_seeded_balanced_and_answers_are_single_words():
     assert {r["kind"] for r in first} == {"coarse", "fine"}
     train = [r for r, _ in world.split_records("train", 10, seed=3, questions_per_image=3)]
     assert all(len(r["conversations"]) == 6 and len(set(r["question_families"])) == 3 for r in train)
+    answers = {f: {r["conversations"][1]["value"] for r, _ in world.split_records("val", 200, seed=0) if r["family"] == f}
+               for f in world.FAMILIES}
+    assert answers["side_large"] == {"left", "right"} and len(answers["number_large"]) == 10
+    assert answers["count_left"] >= {"0", "1", "2", "3"}
     assert all(r["kind"] == "mixed" for r in train)
     vocabulary = set(world.vocabulary())
     for record in first + train:
@@ -41,8 +45,8 @@ def test_scenes_are_well_formed():
     for i in range(50):
         scene = world.sample_scene(__import__("random").Random(i))
         assert 2 <= len(scene.small) <= 4
-        assert len({(s.colour, s.kind) for s in scene.small}) == len(scene.small)  # "the red circle" is unique
-        assert len({s.label for s in scene.small}) == len(scene.small)
+        assert len({s.label for s in [scene.large, *scene.small]}) == 1 + len(scene.small)  # one digit per shape
+        assert abs(scene.large.centre_x - world.CANVAS / 2) >= 4  # left/right is unambiguous
         assert all(abs(s.centre_x - scene.large.centre_x) >= 6 for s in scene.small)  # left/right is unambiguous
         image = world.render(scene)
         assert image.size == (world.CANVAS, world.CANVAS)
@@ -117,6 +121,7 @@ def test_demo_runs_on_a_pipeline_checkpoint(pipeline):
     _, root = pipeline
     out = run_demo("--model", str(root / "checkpoint"), "--budget", "0")
     assert out.count("configuration: self-attention layers [] (0 of 2), fixed by --budget 0") == 2
+    assert "Q: what is the number below the large shape?" in out
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(DEFAULT_MODEL, "config.json")), reason="no kept checkpoint yet")

@@ -7,7 +7,7 @@
 
 Stages (each writes into the work directory; `commands.sh` there lists the exact commands run):
 
-    data          world.write_world: train (3 questions an image), val (search), label (pseudo-labels), test
+    data          world.write_world: train (5 questions an image), val (search), label (pseudo-labels), test
     dense         dense.train_dense: LLaVA-OneVision from random weights, transformers' Trainer
     convert       python -m visor_hf.convert_llava_ov --src dense --dst visor --cross-attn-layers .. --self-attn-layers ..
     stage1        python -m visor_hf.train stage1       (new parts only, full configuration)
@@ -69,14 +69,14 @@ class Preset:
 PRESETS = {
     # The checkpoint kept in the repository.
     "full": Preset(
-        sizes={"train": 16000, "val": 500, "label": 1500, "test": 1500}, questions_per_image=3, model=ModelSize(),
+        sizes={"train": 30000, "val": 500, "label": 1500, "test": 1500}, questions_per_image=5, model=ModelSize(),
         cross_attn_layers="1,3,5", self_attn_layers="1,3,5",
-        dense_steps=3000, dense_lr=2e-3, stage1_steps=300, stage1_lr=1e-3, universal_steps=1200, universal_lr=5e-4,
+        dense_steps=2400, dense_lr=5e-4, stage1_steps=300, stage1_lr=1e-3, universal_steps=1200, universal_lr=2e-4,
         router_steps=300, router_lr=1e-3, batch_size=16,
     ),
     # What tests/test_toyworld.py runs: the same path, tiny everything.
     "ci": Preset(
-        sizes={"train": 32, "val": 10, "label": 20, "test": 10}, questions_per_image=3,
+        sizes={"train": 32, "val": 10, "label": 20, "test": 10}, questions_per_image=5,
         model=ModelSize(vision_hidden=16, text_hidden=32, text_layers=3, text_heads=2, text_kv_heads=1, text_intermediate=64),
         cross_attn_layers="0,2", self_attn_layers="1,2",
         dense_steps=12, dense_lr=3e-3, stage1_steps=3, stage1_lr=3e-3, universal_steps=6, universal_lr=1e-3,

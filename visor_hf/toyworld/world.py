@@ -1,27 +1,31 @@
 """A synthetic visual question-answering world with coarse and fine-grained questions.
 
 Every image is a 64 x 64 canvas with one large shape and 2-4 small shapes (colours: red, green, blue, yellow,
-purple; kinds: circle, square, triangle). Under each small shape a tiny digit (3 x 5 pixels, a bitmap font
-drawn here, no system font) is printed. Questions come in two kinds, named in each record:
+purple; kinds: circle, square, triangle). Under every shape a tiny digit (3 x 5 pixels, a bitmap font drawn
+here, no system font) is printed, all digits of an image different. Questions come in two kinds, named in
+each record:
 
-    coarse (the whole image at low resolution is enough; no relation between two places)
-        colour_large   what colour is the large shape?                   -> red | green | ...
-        shape_large    what shape is the large shape?                    -> circle | square | triangle
-        exists_colour  is there a blue shape?                            -> yes | no   (balanced)
+    coarse (one property of the large shape, visible at low resolution)
+        colour_large   what colour is the large shape?                      -> red | green | ...
+        shape_large    what shape is the large shape?                       -> circle | square | triangle
+        side_large     is the large shape on the left or on the right?      -> left | right
     fine (a 3 x 5 pixel detail, or a relation between distant parts of the image)
-        number_below   what is the number below the red circle?          -> 0 ... 9
-        count_left     how many small shapes are left of the large shape? -> 0 ... 4
+        number_large   what is the number below the large shape?            -> 0 ... 9
+        count_left     how many small shapes are left of the large shape?   -> 0 ... 4
 
-Why these are "fine" for VISOR: the digit of `number_below` sits one patch row *below* its shape, so binding
-the two needs the visual tokens to talk to each other (a self-attention layer); cross-attention reads visual
-tokens that never changed, and its positional encoding (a kernel-7 convolution along the token sequence) does
-not reach one row down. `count_left` compares the position of every small shape with the large one's.
+Why the fine ones need the visual tokens to be refined (VISOR's self-attention layers): the digit is only
+legible in the full-resolution crops, where nothing tells a token where in the image it is, so finding *the*
+digit under the large shape (the small shapes carry digits too) takes a token that looks at its neighbour one
+patch row up: visual tokens attending to each other. Cross-attention reads visual tokens that never changed,
+and its positional encoding (a kernel-7 convolution along the token sequence) does not reach one row down.
+`count_left` compares the position of every small shape with the large one's. The coarse questions need no
+relation: the large shape dominates the low-resolution base view.
 
 Records are LLaVA conversation records, the format of `visor_hf.train`:
 
-    {"id": "test-000012", "image": "test/000012.png", "kind": "fine", "family": "number_below",
-     "question_families": ["number_below"],
-     "conversations": [{"from": "human", "value": "<image>\\nwhat is the number below the red circle?"},
+    {"id": "test-000012", "image": "test/000012.png", "kind": "fine", "family": "number_large",
+     "question_families": ["number_large"],
+     "conversations": [{"from": "human", "value": "<image>\\nwhat is the number below the large shape?"},
                        {"from": "gpt", "value": "7"}]}
 
 Training records ask `questions_per_image` questions of distinct families about one image (kind and family
@@ -49,8 +53,8 @@ COLOURS = {
     "purple": (145, 60, 185),
 }
 SHAPES = ("circle", "square", "triangle")
-COARSE = ("colour_large", "shape_large", "exists_colour")
-FINE = ("number_below", "count_left")
+COARSE = ("colour_large", "shape_large", "side_large")
+FINE = ("number_large", "count_left")
 FAMILIES = COARSE + FINE
 KIND = {**{f: "coarse" for f in COARSE}, **{f: "fine" for f in FINE}}
 
@@ -98,19 +102,22 @@ def _overlaps(a, b, margin: int) -> bool:
 
 
 def sample_scene(rng: random.Random, canvas: int = CANVAS) -> Scene:
-    """One large shape and 2-4 small labelled shapes, no overlaps; small shapes have distinct (colour, kind)
-    and distinct digits, and none is horizontally level with the large shape's centre (so left/right is clear)."""
+    """One large shape and 2-4 small shapes, each with a digit below it (all digits different), no overlaps.
+    Unambiguous by construction: the large shape's centre is not at the image's centre line (left/right), and no
+    small shape is horizontally level with the large shape's centre (left of it or not)."""
     while True:
-        size = rng.randint(20, 26)
+        size = rng.randint(18, 24)
+        digits = rng.sample(sorted(DIGITS), 5)
         large = Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(2, canvas - size - 2),
-                      rng.randint(2, canvas - size - 2), size)
-        pairs = rng.sample([(c, k) for c in COLOURS for k in SHAPES], 4)
-        digits = rng.sample(sorted(DIGITS), 4)
+                      rng.randint(1, canvas - size - LABEL_GAP - 6), size, digits[0])
+        if abs(large.centre_x - canvas / 2) < 4:
+            continue
         small, boxes = [], [large.box()]
-        for (colour, kind), digit in zip(pairs[: rng.randint(2, 4)], digits):
+        for digit in digits[1 : 1 + rng.randint(2, 4)]:
             for _ in range(50):
                 s = rng.randint(7, 9)
-                shape = Shape(colour, kind, rng.randint(1, canvas - s - 1), rng.randint(1, canvas - s - LABEL_GAP - 6), s, digit)
+                shape = Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, canvas - s - 1),
+                              rng.randint(1, canvas - s - LABEL_GAP - 6), s, digit)
                 if abs(shape.centre_x - large.centre_x) < 6:
                     continue
                 if all(not _overlaps(shape.box(), other, 2) for other in boxes):
@@ -160,15 +167,10 @@ def ask(scene: Scene, family: str, rng: random.Random) -> tuple[str, str]:
         return "what colour is the large shape?", large.colour
     if family == "shape_large":
         return "what shape is the large shape?", large.kind
-    if family == "exists_colour":
-        present = {large.colour} | {s.colour for s in small}
-        absent = [c for c in COLOURS if c not in present]
-        if absent and rng.random() < 0.5:
-            return f"is there a {rng.choice(absent)} shape?", "no"
-        return f"is there a {rng.choice(sorted(present))} shape?", "yes"
-    if family == "number_below":
-        target = rng.choice(small)
-        return f"what is the number below the {target.colour} {target.kind}?", target.label
+    if family == "side_large":
+        return "is the large shape on the left or on the right?", "left" if large.centre_x < CANVAS / 2 else "right"
+    if family == "number_large":
+        return "what is the number below the large shape?", large.label
     if family == "count_left":
         return "how many small shapes are left of the large shape?", str(sum(s.centre_x < large.centre_x for s in small))
     raise ValueError(f"family={family!r}; allowed: {FAMILIES}")
@@ -176,10 +178,10 @@ def ask(scene: Scene, family: str, rng: random.Random) -> tuple[str, str]:
 
 def vocabulary() -> list[str]:
     """Every word a question, an answer or the chat template of this world uses."""
-    words = {"what", "colour", "is", "the", "large", "shape", "?", "there", "a", "number", "below", "how", "many",
-             "small", "shapes", "are", "left", "of", "yes", "no"}
+    words = {"what", "colour", "is", "the", "large", "shape", "?", "on", "or", "right", "number", "below", "how",
+             "many", "small", "shapes", "are", "left", "of"}
     words |= set(COLOURS) | set(SHAPES) | set(DIGITS)
-    words |= {"system", "user", "assistant", "You", "helpful", "."}  # the chat template's roles and system prompt
+    words |= {"system", "user", "assistant", "You", "are", "a", "helpful", "."}  # the chat template's roles and system prompt
     return sorted(words)
 
 
