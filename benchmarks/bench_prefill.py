@@ -96,8 +96,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vision-tokens", type=int, nargs="+", default=None,
                         help="N_v values; default 729 1485 2916 (CPU) or 729 1485 2916 7290 (CUDA)")
     parser.add_argument("--text-tokens", type=int, default=64, help="N_t: prompt tokens besides the image (default 64)")
-    parser.add_argument("--budgets", nargs="+", default=["0", "2", "4", "8", "auto"],
-                        help="VISOR budgets; 'auto' runs only if the model has a routing token")
+    parser.add_argument("--budgets", nargs="+", default=None,
+                        help="VISOR budgets (default 0 2 4 8 auto; 2 with --token-reduction); 'auto' runs only if the "
+                             "model has a routing token")
+    parser.add_argument("--token-reduction", nargs="+", default=None, choices=["visionzip", "vispruner", "pack"],
+                        help="token-reduction mode instead: VISOR, VISOR + each method and dense + each pruning "
+                             "method, also at matched FLOPs (benchmarks/token_reduction_rows.py)")
+    parser.add_argument("--keep-ratio", type=float, default=0.25,
+                        help="with --token-reduction: visual tokens kept, in (0, 1]; packing packs round(1/r) tokens")
+    parser.add_argument("--image-sizes", nargs="+", default=None,
+                        help="with --token-reduction: one image of each HEIGHTxWIDTH (default 384x384 768x768, "
+                             "+ 1152x1152 on CUDA: 1,485, 3,699 and 7,371 visual tokens)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (memory is sampled there)")
@@ -115,6 +124,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.text_tokens, args.new_tokens, args.repeats = 16, 4, 1
         args.threads = args.threads or 1  # two threads on a busy 2-core machine can run 10x slower
     args.vision_tokens = args.vision_tokens or ([729, 1485, 2916, 7290] if args.device == "cuda" else [729, 1485, 2916])
+    args.budgets = args.budgets or (["2"] if args.token_reduction else ["0", "2", "4", "8", "auto"])
+    if args.token_reduction:
+        from token_reduction_rows import parse_image_size
+
+        if not 0 < args.keep_ratio <= 1:
+            parser.error(f"--keep-ratio {args.keep_ratio}: must be in (0, 1]")
+        default_sizes = ["56x56", "112x112"] if args.smoke else ["384x384", "768x768"] + (["1152x1152"] if args.device == "cuda" else [])
+        try:
+            args.image_sizes = [parse_image_size(size) for size in args.image_sizes or default_sizes]
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 
@@ -647,6 +667,12 @@ def main(argv=None) -> list[dict]:
     budgets = parse_budgets(args.budgets, visor)
     clock = Clock(args.device, retries=0, max_wait=0) if args.smoke else Clock(args.device)  # smoke: timings not taken seriously
     generator = torch.Generator().manual_seed(args.seed)
+
+    if args.token_reduction:
+        import token_reduction_rows
+
+        args.budget_values = budgets
+        return token_reduction_rows.run(args, sys.modules[__name__], llava, visor, clock, generator, command)
 
     rows = []
     for num_visual in args.vision_tokens:

@@ -37,3 +37,28 @@ def test_bench_prefill_smoke_writes_table_plots_and_its_own_markdown_section(tmp
     assert "stale numbers" not in text
     assert text.count("<!-- bench_prefill:smoke-cpu:begin -->") == 1
     assert "| VISOR 0 |" in text
+
+
+def test_bench_prefill_token_reduction_smoke_matches_flops_and_times_the_selection(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_prefill.py"), "--smoke", "--output-dir", str(tmp_path),
+               "--token-reduction", "visionzip", "vispruner", "pack", "--keep-ratio", "0.5", "--image-sizes", "112x112"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["model"]: row for row in json.loads((tmp_path / "token_reduction_smoke-cpu.json").read_text())["rows"]}
+    for model in ["dense", "dense + visionzip @ 0.5", "dense + vispruner @ 0.5", "VISOR 2", "VISOR 2 + visionzip @ 0.5",
+                  "VISOR 2 + vispruner @ 0.5", "VISOR 2 + pack x2"]:
+        assert model in rows
+    dense = rows["dense"]
+    for name, row in rows.items():
+        reduced = row["setting"] is not None
+        assert (row["kept"] < dense["kept"]) == reduced, name
+        assert (row["select_s"] > 0) == reduced and (row["flops_selection"] > 0) == reduced, name
+        assert row["prefill_s"] > 0
+        if row["matched_to"]:  # dense + pruning at the ratio that costs what the VISOR row costs
+            target = rows[row["matched_to"]]["flops_llm"]
+            if "(=" in name:
+                assert abs(row["flops_llm"] - target) <= 0.02 * target, name
+            else:
+                assert row["flops_llm"] > target and row["kept"] <= 0.1 * dense["kept"] + 10, name
+    assert sum("(=" in name for name in rows) >= 1
+    assert (tmp_path / "token_reduction_smoke-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

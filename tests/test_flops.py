@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from visor_hf import VisorConfig, VisorForConditionalGeneration
+from visor_hf.baselines import TokenReducedLlavaOnevision
 from visor_hf.flops import (
     cache_nbytes,
     count_flops,
@@ -88,6 +89,48 @@ def test_count_flops_matches_flop_counter_on_tiny_models(eager_llava, eager_viso
         measured = counted_flops(eager_visor, one_sample, budget=budget, logits_to_keep=logits_to_keep)
         expected = count_flops(eager_visor.config, num_visual, num_text, budget, num_crops=num_crops, lm_head=lm_head)
         assert measured == pytest.approx(expected["visor"]["total"], rel=1e-3), budget
+
+
+@pytest.mark.parametrize("setting", [{"method": "visionzip", "keep_ratio": 0.25}, {"method": "vispruner", "keep_ratio": 0.4},
+                                     {"method": "pack", "pack_factor": 2}])
+def test_count_flops_with_token_reduction_matches_flop_counter(eager_llava, one_sample, setting):
+    """Reduced token counts and the selection's own cost (scoring layer, similarities, packing projection), for
+    VISOR and for the dense baseline with the same reduction."""
+    visor = VisorForConditionalGeneration.from_llava_onevision(
+        eager_llava, cross_attn_layers=[1, 3, 5], self_attn_layers=[1, 4], token_reduction=setting
+    ).eval()
+    num_visual, num_text = token_counts(one_sample)
+    image_size = tuple(int(x) for x in one_sample["image_sizes"][0])
+    for budget in [0, "full"]:
+        expected = count_flops(visor.config, num_visual, num_text, budget, token_reduction=setting, image_size=image_size)
+        assert expected["num_vision_tokens"] < num_visual
+        assert expected["visor"]["breakdown"]["token_selection"] > 0
+        measured = counted_flops(visor, one_sample, budget=budget, logits_to_keep=1)
+        assert measured == pytest.approx(expected["visor"]["total"], rel=1e-3), budget
+    if setting["method"] != "pack":
+        measured = counted_flops(TokenReducedLlavaOnevision(eager_llava, setting), one_sample, logits_to_keep=1)
+        assert measured == pytest.approx(expected["dense"]["total"], rel=1e-3)
+    with pytest.raises(ValueError, match="needs image_size"):
+        count_flops(visor.config, num_visual, num_text, 0, token_reduction=setting)
+    with pytest.raises(ValueError, match="visual tokens"):
+        count_flops(visor.config, num_visual + 1, num_text, 0, token_reduction=setting, image_size=image_size)
+
+
+@pytest.mark.parametrize("method, keep", [("visionzip", 9), ("visionzip", 1), ("vispruner", 9), ("vispruner", 40)])
+def test_selection_similarity_flops_replay_the_selection_exactly(method, keep):
+    from visor_hf.configuration_visor import validate_token_reduction
+    from visor_hf.flops import _visionzip_flops, _vispruner_flops
+    from visor_hf.modeling_visor import select_visionzip, select_vispruner
+
+    setting = validate_token_reduction({"method": method, "keep_ratio": 0.5})
+    features, scores = torch.randn(61, 24), torch.rand(61)
+    with FlopCounterMode(display=False) as counter:
+        if method == "visionzip":
+            select_visionzip(features, scores, keep, setting["dominant_fraction"])
+        else:
+            select_vispruner(features, scores, keep, setting["important_fraction"])
+    replay = (_visionzip_flops if method == "visionzip" else _vispruner_flops)(61, keep, setting, 24)
+    assert counter.get_total_flops() == replay
 
 
 def test_vision_encoder_flops_match_flop_counter(eager_llava, eager_visor, one_sample):

@@ -40,7 +40,7 @@ class TokenReducedLlavaOnevision:
             if features:
                 embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), torch.cat(features).to(embeds.dtype))
             return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **kwargs}
-        features, kept = VisorModel.reduce_visual_tokens(llava.model, pixel_values, image_sizes, batch_num_images, self.setting)
+        features, kept = self.reduce_visual_tokens(pixel_values, image_sizes, batch_num_images)
         restore_index, slot_valid = compact_kept_tokens(is_visual, kept)
         gather = lambda x: x.gather(1, restore_index)
         is_visual = gather(is_visual) & slot_valid
@@ -50,6 +50,10 @@ class TokenReducedLlavaOnevision:
             "inputs_embeds": embeds, "attention_mask": gather(attention_mask) * slot_valid,
             "position_ids": gather(position_ids), **kwargs,
         }
+
+    def reduce_visual_tokens(self, pixel_values, image_sizes, batch_num_images=None):
+        """Reduced features per image and the kept-token masks: VISOR's own code on LLaVA-OneVision's parts."""
+        return VisorModel.reduce_visual_tokens(self.llava.model, pixel_values, image_sizes, batch_num_images, self.setting)
 
     def __call__(self, **inputs):
         return self.llava(**self.reduce_inputs(**inputs))

@@ -18,6 +18,12 @@ Convention (the same for every function here, and what `tests/test_flops.py` che
   (`logits_to_keep=1` in both models). `lm_head="all"` counts every position of the dense sequence
   (N_v + N_t: both LLaVA-OneVision's and VISOR's `forward` return logits in the dense layout when
   `logits_to_keep=0`); `lm_head="none"` leaves it out (as FastV-style counts do).
+- Token reduction (`token_reduction=`, with the image's `image_size`): the LLM is counted on the tokens that
+  survive (exact, from LLaVA-OneVision's own anyres layout and the reduction's segments), and the selection's
+  own matrix products join the vision encoder under `token_selection`: for pruning, the q/k projections and
+  QK^T of the scoring SigLIP layer on every crop plus the cosine similarities (VisionZip's contextual merge,
+  VisPruner's duplicate removal); for packing, its k*H -> H projection. The dense model gets the same
+  reduction (what `baselines.TokenReducedLlavaOnevision` runs).
 - Counts are per sample (batch size 1, no padding). The router MLP (budget "auto") is added with
   `router=True`: it reads every text token.
 
@@ -43,6 +49,7 @@ Usage:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -191,9 +198,64 @@ def _summary(vision: dict[str, int], llm: dict[str, int]) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def token_reduction_counts(config, image_size, token_reduction) -> dict:
+    """Visual tokens of one image before and after `token_reduction`, and the selection's FLOPs.
+
+    Returns {"num_vision_tokens": N_v, "kept": N_v', "num_crops": crops, "selection": FLOPs (int)}. The counts
+    follow `modeling_visor.reduce_image_tokens` exactly (newlines kept, ceil(n * keep_ratio) per segment)."""
+    from .configuration_visor import validate_token_reduction
+    from .modeling_visor import image_token_layout, reduction_segments
+
+    config = as_visor_config(config)
+    setting = validate_token_reduction(token_reduction)
+    (is_newline, _, base_length), = image_token_layout(config, [image_size])
+    total, crops = int(is_newline.shape[0]), num_crops_for_image(config, image_size)
+    if setting is None:
+        return {"num_vision_tokens": total, "kept": total, "num_crops": crops, "selection": 0}
+    hidden = config.text_config.hidden_size
+    kept, selection = int(is_newline.sum()), 0
+    for segment in reduction_segments(is_newline, base_length, setting["method"]):
+        n = segment.numel()
+        if setting["method"] == "pack":
+            groups = -(-n // setting["pack_factor"])
+            kept, selection = kept + groups, selection + 2 * groups * setting["pack_factor"] * hidden * hidden
+            continue
+        keep = math.ceil(n * setting["keep_ratio"])
+        kept += keep
+        selection += (_visionzip_flops if setting["method"] == "visionzip" else _vispruner_flops)(n, keep, setting, hidden)
+    if setting["method"] != "pack":  # the scoring layer's q, k projections and QK^T on every crop
+        tokens, width = tokens_per_crop(config), config.vision_config.hidden_size
+        selection += crops * (2 * tokens * width * width * 2 + 2 * tokens * tokens * width)
+    return {"num_vision_tokens": total, "kept": kept, "num_crops": crops, "selection": selection}
+
+
+def _visionzip_flops(n: int, keep: int, setting: dict, hidden: int) -> int:
+    """Cosine similarities of the merged tokens to the contextual targets (`select_visionzip`)."""
+    dominant = keep if keep < 2 else max(1, round(keep * setting["dominant_fraction"]))
+    context, rest = keep - dominant, n - dominant
+    if context <= 0 or rest <= 0:
+        return 0
+    stride = max(1, rest // context)
+    targets = min(context, -(-rest // stride))
+    return 2 * rest * targets * hidden
+
+
+def _vispruner_flops(n: int, keep: int, setting: dict, hidden: int) -> int:
+    """Cosine similarities of the duplicate-removal rounds (`select_vispruner`), replayed on sizes."""
+    important = min(keep, int(keep * setting["important_fraction"]))
+    rest, diverse, flops = n - important, keep - important, 0
+    while rest > diverse:
+        a, b = -(-rest // 2), rest // 2
+        if b == 0:
+            break
+        flops += 2 * a * b * hidden
+        rest -= min(8, rest - diverse, a)
+    return flops
+
+
 def count_flops(
     config, num_vision_tokens: int, num_text_tokens: int, budget="full", num_crops: int | None = None,
-    lm_head: str = "last", router: bool = False,
+    lm_head: str = "last", router: bool = False, token_reduction=None, image_size=None,
 ) -> dict:
     """FLOPs of one prefill of one sample, VISOR and dense LLaVA-OneVision (convention: module docstring).
 
@@ -205,6 +267,9 @@ def count_flops(
         num_crops: crops the vision encoder runs on; default `round(N_v / tokens_per_crop)`.
         lm_head: "last" (default), "all" or "none": positions the lm_head is counted on.
         router: add the router MLP (what budget="auto" runs, on every text token).
+        token_reduction: a token-reduction setting (`VisorConfig.token_reduction`'s form); needs `image_size`.
+            Both models are counted on the surviving tokens, plus the selection (breakdown `token_selection`).
+        image_size: (height, width) of the one image, which fixes the anyres layout the reduction works on.
 
     Returns:
         {"visor": {...}, "dense": {...}, "self_attn_layers": S, "flops_ratio": dense / visor (LLM)} where each
@@ -213,10 +278,22 @@ def count_flops(
     config = as_visor_config(config)
     dims = TextDims.of(config.text_config)
     configuration = resolve_configuration(config, budget)
-    num_crops = default_num_crops(config, num_vision_tokens) if num_crops is None else num_crops
     num_visual, num_text = int(num_vision_tokens), int(num_text_tokens)
+    num_crops = default_num_crops(config, num_visual) if num_crops is None else num_crops
+    selection = 0
+    if token_reduction is not None and num_visual:
+        if image_size is None:
+            raise ValueError("count_flops(token_reduction=...) needs image_size=(height, width): the anyres layout "
+                             "decides how many tokens each segment keeps")
+        counts = token_reduction_counts(config, image_size, token_reduction)
+        if counts["num_vision_tokens"] != num_visual:
+            raise ValueError(f"num_vision_tokens={num_visual}, but an image of {tuple(image_size)} has "
+                             f"{counts['num_vision_tokens']} visual tokens")
+        num_visual, selection = counts["kept"], counts["selection"]
     num_tokens = num_visual + num_text
     vision = vision_encoder_flops(config, num_crops) if num_visual else {}
+    if selection:
+        vision["token_selection"] = selection
     head = {"lm_head": 2 * _lm_head_positions(lm_head, num_tokens) * dims.hidden * dims.vocab}
 
     dense: dict[str, int] = {}
@@ -234,7 +311,8 @@ def count_flops(
     if router:
         visor["router"] = 2 * num_text * (dims.hidden * config.router_hidden_size + config.router_hidden_size * len(config.configurations))
 
-    result = {"visor": _summary(vision, visor), "dense": _summary(vision, dense), "self_attn_layers": configuration}
+    result = {"visor": _summary(vision, visor), "dense": _summary(vision, dense), "self_attn_layers": configuration,
+              "num_vision_tokens": num_visual}
     result["flops_ratio"] = result["dense"]["llm"] / max(1, result["visor"]["llm"])
     return result
 
@@ -415,6 +493,6 @@ def _crops_per_sample(config, inputs: dict, has_image: list[bool]) -> list[int]:
 
 
 __all__ = [
-    "count_flops", "fastv_style_flops", "kv_cache_bytes", "cache_nbytes", "describe_cost", "resolve_configuration",
+    "count_flops", "token_reduction_counts", "fastv_style_flops", "kv_cache_bytes", "cache_nbytes", "describe_cost", "resolve_configuration",
     "num_crops_for_image", "vision_encoder_flops", "CostReport", "SampleCost",
 ]

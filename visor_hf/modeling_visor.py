@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +322,20 @@ def compact_kept_tokens(is_visual: torch.Tensor, kept: list[torch.Tensor]):
     return restore_index, keep.gather(1, restore_index)
 
 
+def reduction_segments(is_newline: torch.Tensor, base_length: int, method: str) -> list[torch.Tensor]:
+    """The token positions reduced together (newlines excluded; empty segments dropped): pruning selects within the
+    base tile and within the high-resolution grid; packing groups tokens within a row (the base tile is one row)."""
+    positions = torch.arange(is_newline.shape[0], device=is_newline.device)
+    grid = (positions >= base_length) & ~is_newline
+    segments = [positions[:base_length][~is_newline[:base_length]]]
+    if method == "pack":
+        row_ids = torch.cumsum(is_newline.long(), 0) - is_newline.long()  # rows end at their newline
+        segments += [positions[grid & (row_ids == row)] for row in torch.unique(row_ids[grid]).tolist()]
+    else:
+        segments.append(positions[grid])
+    return [segment for segment in segments if segment.numel() > 0]
+
+
 def reduce_image_tokens(features, is_newline, scores, base_length: int, setting: dict, packer=None):
     """Reduce one image's visual tokens. features (N, H); is_newline (N,); scores (N,) or None (packing).
 
@@ -328,19 +343,9 @@ def reduce_image_tokens(features, is_newline, scores, base_length: int, setting:
     ceil(n * keep_ratio) tokens of each segment; packing packs each row of the grid (the base tile counts as one
     row) in groups of k. Newline tokens are always kept. Returns (features (M, H), positions (M,)) in order.
     """
-    length = features.shape[0]
-    positions = torch.arange(length, device=features.device)
-    grid = (positions >= base_length) & ~is_newline
+    positions = torch.arange(features.shape[0], device=features.device)
     kept_features, kept_positions = [features[is_newline]], [positions[is_newline]]
-    if setting["method"] == "pack":
-        row_ids = torch.cumsum(is_newline.long(), 0) - is_newline.long()  # rows end at their newline
-        segments = [positions[:base_length][~is_newline[:base_length]]]
-        segments += [positions[grid & (row_ids == row)] for row in torch.unique(row_ids[grid]).tolist()]
-    else:
-        segments = [positions[:base_length][~is_newline[:base_length]], positions[grid]]
-    for segment in segments:
-        if segment.numel() == 0:
-            continue
+    for segment in reduction_segments(is_newline, base_length, setting["method"]):
         if setting["method"] == "pack":
             packed, offsets = packer(features[segment])
             kept_features.append(packed)
@@ -353,6 +358,45 @@ def reduce_image_tokens(features, is_newline, scores, base_length: int, setting:
         kept_features.append(chosen)
         kept_positions.append(segment[local])
     return sort_by_position(torch.cat(kept_features), torch.cat(kept_positions))
+
+
+def image_token_layout(config, image_sizes, batch_num_images=None, crop_scores=None, device="cpu"):
+    """Per image: which packed tokens are image_newline, each token's score (inf at newlines; None without
+    `crop_scores`) and the length of the base tile. Runs LLaVA-OneVision's own packing on one-channel maps, so it
+    follows anyres unpadding exactly; it needs only the config (`flops.count_flops` calls it without a model)."""
+    crop = config.vision_config.image_size
+    per_crop = (crop // config.vision_config.patch_size) ** 2
+    per_crop -= 1 if config.vision_feature_select_strategy == "default" else 0
+    image_sizes = [[int(x) for x in size] for size in image_sizes]
+    single = [n == 1 for n in batch_num_images for _ in range(n)] if batch_num_images is not None else None
+    patches = [
+        image_size_to_num_patches(size, config.image_grid_pinpoints, crop) if single is None or single[i] else 1
+        for i, size in enumerate(image_sizes)
+    ]
+    holder = SimpleNamespace(config=config)  # pack_image_features reads only self.config
+    pack = lambda maps, newline: LlavaOnevisionModel.pack_image_features(
+        holder, maps, image_sizes, image_newline=newline, vision_aspect_ratio=config.vision_aspect_ratio
+    )[0]
+    markers = pack([torch.zeros(n, per_crop, 1, device=device) for n in patches], torch.ones(1, device=device))
+    if crop_scores is None:
+        scores = [None] * len(patches)
+    else:
+        maps = [m.unsqueeze(-1) for m in torch.split(crop_scores.to(device), patches)]
+        scores = [m[:, 0] for m in pack(maps, torch.full((1,), float("inf"), device=device))]
+    return [(m[:, 0] == 1, score, per_crop) for m, score in zip(markers, scores)]
+
+
+def siglip_attention_received(layer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(crops, T) mean attention each token receives in one SigLIP encoder layer, from that layer's input
+    (crops, T, C): softmax(QK^T) of its own projections, averaged over heads and queries. One crop at a time, so
+    memory stays at one T x T map a head; the tower itself keeps its attention kernel."""
+    attn = layer.self_attn
+    scores = []
+    for crop in layer.layer_norm1(hidden_states):
+        heads = lambda x: x.view(crop.shape[0], attn.num_heads, attn.head_dim).transpose(0, 1)  # (h, T, d)
+        probs = torch.softmax(heads(attn.q_proj(crop)) @ heads(attn.k_proj(crop)).transpose(1, 2) * attn.scale, -1)
+        scores.append(probs.float().mean(dim=(0, 1)))
+    return torch.stack(scores)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -653,13 +697,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             features = VisorModel.visual_features(self, pixel_values, image_sizes, batch_num_images)
         finally:
             handle.remove()
-        attn = layer.self_attn
-        scores = []
-        for crop in layer.layer_norm1(captured["hidden"]):  # one crop at a time: (T, C), bounded memory
-            heads = lambda x: x.view(crop.shape[0], attn.num_heads, attn.head_dim).transpose(0, 1)  # (h, T, d)
-            probs = torch.softmax(heads(attn.q_proj(crop)) @ heads(attn.k_proj(crop)).transpose(1, 2) * attn.scale, -1)
-            scores.append(probs.float().mean(dim=(0, 1)))  # received, averaged over heads and queries
-        scores = torch.stack(scores)  # (crops, T)
+        scores = siglip_attention_received(layer, captured["hidden"])  # (crops, T)
         if self.config.vision_feature_select_strategy == "default":
             scores = scores[:, 1:]
         return features, scores
@@ -675,7 +713,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             features, crop_scores = VisorModel.visual_features_with_scores(
                 self, pixel_values, image_sizes, batch_num_images, setting["score_layer"]
             )
-        layout = VisorModel.token_layout(self, image_sizes, batch_num_images, crop_scores, features[0].device)
+        layout = image_token_layout(self.config, image_sizes, batch_num_images, crop_scores, features[0].device)
         reduced, kept = [], []
         for feature, (is_newline, scores, base_length) in zip(features, layout):
             if is_newline.shape[0] != feature.shape[0]:
@@ -689,27 +727,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         return reduced, kept
 
     def token_layout(self, image_sizes, batch_num_images, crop_scores, device):
-        """Per image: which packed tokens are image_newline, each token's score (inf at newlines) and the length of
-        the base tile. Runs LLaVA-OneVision's own packing on one-channel maps, so it follows unpadding exactly."""
-        config = self.config
-        crop = config.vision_config.image_size
-        per_crop = (crop // config.vision_config.patch_size) ** 2
-        per_crop -= 1 if config.vision_feature_select_strategy == "default" else 0
-        single = [n == 1 for n in batch_num_images for _ in range(n)] if batch_num_images is not None else None
-        patches = [
-            image_size_to_num_patches(size, config.image_grid_pinpoints, crop) if single is None or single[i] else 1
-            for i, size in enumerate(image_sizes)
-        ]
-        pack = lambda maps, newline: LlavaOnevisionModel.pack_image_features(
-            self, maps, image_sizes, image_newline=newline, vision_aspect_ratio=config.vision_aspect_ratio
-        )[0]
-        markers = pack([torch.zeros(n, per_crop, 1, device=device) for n in patches], torch.ones(1, device=device))
-        if crop_scores is None:
-            scores = [None] * len(patches)
-        else:
-            maps = [m.unsqueeze(-1) for m in torch.split(crop_scores.to(device), patches)]
-            scores = [m[:, 0] for m in pack(maps, torch.full((1,), float("inf"), device=device))]
-        return [(m[:, 0] == 1, score, per_crop) for m, score in zip(markers, scores)]
+        return image_token_layout(self.config, image_sizes, batch_num_images, crop_scores, device)
 
     # ---- forward -------------------------------------------------------------------------------
 

@@ -1,0 +1,293 @@
+"""The token-reduction mode of bench_prefill.py (`--token-reduction ... --keep-ratio r`): VISOR, VISOR + each
+reduction and dense LLaVA-OV + each reduction, side by side and at matched FLOPs.
+
+Rows, for each image size (`--image-sizes`; 384x384 gives 1,485 visual tokens, 768x768 gives 3,699):
+
+    dense                        transformers' LlavaOnevisionForConditionalGeneration
+    dense + m @ r                `visor_hf.baselines.TokenReducedLlavaOnevision`, each pruning method m
+    VISOR b                      each budget b of --budgets (default 2)
+    VISOR b + m @ r              each method m, VISOR-TR packing included (a packing layer of factor round(1/r))
+    dense + m @ r* (= ...)       dense + m at the keep ratio r* whose LLM FLOPs equal those of the VISOR row named
+                                 in brackets (packing rows are matched with visionzip: dense has no packing layer)
+
+Timings (medians, round-robin over rows as in bench_prefill):
+- vision: SigLIP + projector on the image's crops, shared by every row (measured once per repeat);
+- selection: what reduction adds after the vision tower: the scoring SigLIP layer's attention (from an input of
+  its real shape), LLaVA-OV's token layout and the per-tile selection, or the packing projection;
+- LLM prefill: the model's forward from precomputed (reduced) features: prompt compaction, decoder, lm_head on
+  the last position. TTFT = vision + selection + LLM prefill.
+FLOPs: `visor_hf.flops.count_flops(..., token_reduction=, image_size=)`; the FLOPs ratio is dense's LLM FLOPs
+over the row's LLM + selection FLOPs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from visor_hf import VisorForConditionalGeneration
+from visor_hf.baselines import TokenReducedLlavaOnevision
+from visor_hf.configuration_visor import validate_token_reduction
+from visor_hf.flops import count_flops, token_reduction_counts
+from visor_hf.modeling_visor import image_token_layout, reduce_image_tokens, siglip_attention_received
+
+PRUNING = ("visionzip", "vispruner")
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image-sizes {text!r}: use HEIGHTxWIDTH, e.g. 768x768") from None
+    return height, width
+
+
+def reduction_setting(method: str, keep_ratio: float, vision_layers: int) -> dict:
+    """The full setting (None at keep ratio 1: no reduction)."""
+    if method == "pack":
+        return validate_token_reduction({"method": "pack", "pack_factor": max(1, round(1 / keep_ratio))})
+    # the scoring layer: SigLIP's penultimate (the default), or the only layer of a one-layer tower
+    return validate_token_reduction({"method": method, "keep_ratio": keep_ratio, "score_layer": -min(2, vision_layers)})
+
+
+def label(setting: dict) -> str:
+    if setting["method"] == "pack":
+        return f"pack x{setting['pack_factor']}"
+    return f"{setting['method']} @ {setting['keep_ratio']:.3g}"
+
+
+def matched_keep_ratio(config, num_visual: int, num_text: int, image_size, method: str, target: float) -> float:
+    """The keep ratio at which dense + `method` costs `target` LLM FLOPs (bisection; FLOPs grow with the ratio)."""
+    def llm(ratio: float) -> float:
+        setting = {"method": method, "keep_ratio": ratio}
+        return count_flops(config, num_visual, num_text, "full", token_reduction=setting, image_size=image_size)["dense"]["llm"]
+
+    low, high = 1e-4, 1.0
+    if llm(high) <= target:
+        return 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if llm(middle) < target else (low, middle)
+    return high
+
+
+def packing_model(llava, visor, factor: int):
+    """VISOR with a (mean-initialised) packing layer of `factor`, on the very weights of `visor`."""
+    model = VisorForConditionalGeneration.from_llava_onevision(
+        llava, cross_attn_layers=visor.config.cross_attn_layers, self_attn_layers=visor.config.self_attn_layers,
+        token_reduction={"method": "pack", "pack_factor": factor},
+    ).eval()
+    shared = dict(visor.named_parameters())
+    for name, parameter in model.named_parameters():
+        if name in shared:
+            parameter.data = shared[name].data
+    return model.to(next(visor.parameters()).device)
+
+
+@contextlib.contextmanager
+def precomputed_reduction(target, reduced: list, kept: list):
+    """`target.reduce_visual_tokens` (a VisorModel or a TokenReducedLlavaOnevision) returns the given result."""
+    target.reduce_visual_tokens = lambda *args, **kwargs: (reduced, kept)  # the instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del target.reduce_visual_tokens
+
+
+def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list[dict]:
+    """Every row at one image size."""
+    config, device, dtype = visor.config, args.device, getattr(torch, args.dtype)
+    (is_newline, _, base_length), = image_token_layout(config, [image_size], device=device)
+    num_visual = int(is_newline.shape[0])
+    num_crops = token_reduction_counts(config, image_size, None)["num_crops"]
+    crop = config.vision_config.image_size
+    vision_layers = config.vision_config.num_hidden_layers
+    tower = getattr(llava.model.vision_tower, "vision_model", llava.model.vision_tower)
+    input_ids = bench.make_prompt(config, num_visual, args.text_tokens, None, generator).to(device)
+    num_text = int((input_ids != config.image_token_id).sum())
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "pixel_values": torch.zeros(1, 1, 3, 1, 1, device=device, dtype=dtype),
+              "image_sizes": torch.tensor([list(image_size)], device=device)}
+    features = (0.02 * torch.randn(num_visual, config.text_config.hidden_size, generator=generator)).to(device, dtype)
+    pixel_values = torch.randn(num_crops, 3, crop, crop, generator=generator).to(device, dtype)
+    tokens, width = (crop // config.vision_config.patch_size) ** 2, config.vision_config.hidden_size
+    score_input = torch.randn(num_crops, tokens, width, generator=generator).to(device, dtype)
+
+    settings = [reduction_setting(m, args.keep_ratio, vision_layers) for m in args.token_reduction]
+    if None in settings:
+        raise ValueError(f"--keep-ratio {args.keep_ratio} keeps every token: nothing to compare")
+    packers = {s["pack_factor"]: packing_model(llava, visor, s["pack_factor"]) for s in settings if s["method"] == "pack"}
+
+    def select(setting):
+        """Reduced features and kept mask, as VisorModel.reduce_visual_tokens computes them after the tower."""
+        scores = None
+        if setting["method"] != "pack":
+            scores = siglip_attention_received(tower.encoder.layers[setting["score_layer"]], score_input)
+        (newline, token_scores, base), = image_token_layout(config, [image_size], None, scores, device)
+        packer = packers[setting["pack_factor"]].model.token_packer if setting["method"] == "pack" else None
+        chosen, positions = reduce_image_tokens(features, newline, token_scores, base, setting, packer)
+        mask = torch.zeros(num_visual, dtype=torch.bool, device=device)
+        mask[positions] = True
+        return [chosen], [mask]
+
+    # (name, kind, budget, setting, matched-to name)
+    entries = [("dense", "dense", None, None, None)]
+    entries += [(f"dense + {label(s)}", "dense", None, s, None) for s in settings if s["method"] in PRUNING]
+    for budget in args.budget_values:
+        entries.append((f"VISOR {budget}", "visor", budget, None, None))
+        entries += [(f"VISOR {budget} + {label(s)}", "visor", budget, s, None) for s in settings]
+
+    def flops_of(kind, budget, setting):
+        counted = count_flops(config, num_visual, num_text, "full" if budget is None else budget, num_crops=num_crops,
+                              token_reduction=setting, image_size=image_size)
+        entry = counted[kind]
+        return entry["llm"], entry["breakdown"].get("token_selection", 0), counted["num_vision_tokens"]
+
+    for name, kind, budget, setting, _ in list(entries):
+        if kind != "visor":
+            continue
+        target = flops_of(kind, budget, setting)[0]
+        method = setting["method"] if setting is not None and setting["method"] in PRUNING else "visionzip"
+        ratio = matched_keep_ratio(config, num_visual, num_text, image_size, method, target)
+        matched = reduction_setting(method, ratio, vision_layers)
+        # newline tokens are always kept: dense + pruning may not get down to the target at any ratio
+        reached = flops_of("dense", None, matched)[0] <= 1.02 * target
+        entries.append((f"dense + {method} @ {ratio:.3g} ({'=' if reached else 'closest to'} {name})", "dense", None,
+                        matched, name))
+
+    rows = {}
+    for name, kind, budget, setting, matched_to in entries:
+        llm, selection, kept = flops_of(kind, budget, setting)
+        rows[name] = {"image_size": f"{image_size[0]}x{image_size[1]}", "num_visual": num_visual, "num_text": num_text,
+                      "model": name, "kind": kind, "budget": budget, "setting": setting, "matched_to": matched_to,
+                      "kept": kept, "flops_llm": llm, "flops_selection": selection,
+                      "vision_s": [], "select_s": [], "prefill_s": []}
+
+    common = {"use_cache": True, "logits_to_keep": 1}
+
+    def prefill_call(kind, budget, setting):
+        """The timed call of a row and the object whose reduce_visual_tokens it runs (None without reduction)."""
+        if kind == "dense" and setting is None:
+            return (lambda: llava(**inputs, **common)), None
+        if kind == "dense":
+            wrapper = TokenReducedLlavaOnevision(llava, setting)
+            return (lambda: wrapper(**inputs, **common)), wrapper
+        model = packers[setting["pack_factor"]] if setting is not None and setting["method"] == "pack" else visor
+        return (lambda: model(**inputs, budget=budget, token_reduction=setting, **common)), model.model
+
+    with torch.inference_mode(), bench.precomputed_image_features(llava, visor, features):
+        for repeat in range(args.warmup + args.repeats):
+            timed = repeat >= args.warmup
+            _, vision_s = clock(lambda: bench.vision_encoder(llava, pixel_values), retry=timed)
+            for name, kind, budget, setting, _ in entries:
+                row = rows[name]
+                reduced, kept, select_s = None, None, 0.0
+                if setting is not None:
+                    (reduced, kept), select_s = clock(lambda: select(setting), retry=timed)
+                    if int(kept[0].sum()) != row["kept"]:
+                        raise AssertionError(f"{name}: {int(kept[0].sum())} tokens kept, count_flops says {row['kept']}")
+                call, reducer = prefill_call(kind, budget, setting)
+                with precomputed_reduction(reducer, reduced, kept) if reducer is not None else contextlib.nullcontext():
+                    _, prefill_s = clock(call, retry=timed)
+                if timed:
+                    row["vision_s"].append(vision_s)
+                    row["select_s"].append(select_s)
+                    row["prefill_s"].append(prefill_s)
+    return finish(list(rows.values()))
+
+
+def finish(rows: list[dict]) -> list[dict]:
+    median = lambda xs: statistics.median(xs) if xs else float("nan")
+    dense = rows[0]
+    for row in rows:
+        for key in ("vision_s", "select_s", "prefill_s"):
+            row[key + "_all"], row[key] = row[key], median(row[key])
+        row["ttft_s"] = row["vision_s"] + row["select_s"] + row["prefill_s"]
+    for row in rows:
+        row["flops_ratio"] = dense["flops_llm"] / (row["flops_llm"] + row["flops_selection"])
+        row["llm_speedup"] = dense["prefill_s"] / (row["prefill_s"] + row["select_s"])
+        row["ttft_speedup"] = dense["ttft_s"] / row["ttft_s"]
+    return rows
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| image | N_v | model | N_v kept | LLM GFLOPs | selection GFLOPs | FLOPs ratio | vision ms | selection ms "
+              "| LLM prefill ms | TTFT ms | (selection + prefill) speed-up | TTFT speed-up |")
+    lines = [header, "|" + "|".join([" --- "] * (header.count("|") - 1)) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['image_size']} | {r['num_visual']} | {r['model']} | {r['kept']} | {r['flops_llm'] / 1e9:,.1f} "
+            f"| {r['flops_selection'] / 1e9:,.2f} | {r['flops_ratio']:.1f}x | {ms(r['vision_s'])} | {ms(r['select_s'])} "
+            f"| {ms(r['prefill_s'])} | {ms(r['ttft_s'])} | {r['llm_speedup']:.1f}x | {r['ttft_speedup']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], output_dir: Path, tag: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["image_size"] for r in rows}, key=lambda s: [int(x) for x in s.split("x")])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5), squeeze=False)
+    style = {"dense": ("tab:gray", "s"), "visor": ("tab:blue", "o")}
+    for ax, size in zip(axes[0], sizes):
+        for r in (r for r in rows if r["image_size"] == size):
+            colour, marker = style[r["kind"]]
+            if r["matched_to"]:
+                colour = "tab:orange"
+            gflops = (r["flops_llm"] + r["flops_selection"]) / 1e9
+            ax.scatter(gflops, (r["select_s"] + r["prefill_s"]) * 1000, c=colour, marker=marker)
+            ax.annotate(r["model"].split(" (")[0], (gflops, (r["select_s"] + r["prefill_s"]) * 1000),
+                        textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xscale("log"), ax.set_yscale("log"), ax.grid(True, which="both", alpha=0.3)
+        ax.set_xlabel("LLM + selection GFLOPs"), ax.set_ylabel("selection + LLM prefill ms")
+        ax.set_title(f"{size} ({rows[[r['image_size'] for r in rows].index(size)]['num_visual']} visual tokens)")
+    fig.suptitle(f"Token reduction: VISOR (blue), dense + pruning (grey), dense matched to a VISOR row (orange), {tag}")
+    fig.tight_layout()
+    path = output_dir / f"token_reduction_{tag}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args, bench, llava, visor, clock, generator, command: str) -> list[dict]:
+    output_dir = Path(args.output_dir)
+    rows = []
+    for image_size in args.image_sizes:
+        rows += bench_image(args, bench, llava, visor, image_size, clock, generator)
+        print(markdown_table([r for r in rows if r["image_size"] == f"{image_size[0]}x{image_size[1]}"]), flush=True)
+    tag = ("smoke-" if args.smoke else "") + args.device + ("-tiny-vision" if args.tiny_vision and not args.smoke else "")
+    figure = plot(rows, output_dir, tag)
+    shapes = ("smoke shapes" if args.smoke else "Qwen2-0.5B language model + "
+              + ("a one-layer vision tower (--tiny-vision)" if args.tiny_vision else "SigLIP-400M"))
+    text = "\n".join([
+        f"Command: `{command}`",
+        "",
+        f"Machine: {bench.environment(args)}. Code: {args.code}. Shapes: {shapes}; N_t = {args.text_tokens}; batch 1; "
+        f"median of {args.repeats} runs after {args.warmup} warm-up. Weights are random: the packing layer is at its "
+        "initialisation (the mean of each group), selections follow random scores; timings and FLOPs do not depend "
+        "on the values. What each column measures: `benchmarks/token_reduction_rows.py`.",
+        "",
+        *([bench.background_note(clock)] if not clock.cuda else []),
+        markdown_table(rows),
+        "",
+        f"![{figure.stem}]({figure.as_posix()})",
+    ])
+    (output_dir / f"token_reduction_{tag}.md").write_text(text + "\n")
+    (output_dir / f"token_reduction_{tag}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))
+    print("\n" + text)
+    if args.benchmarks_md:
+        title = f"Token reduction with VISOR and with dense LLaVA-OV ({args.device.upper()}{', smoke' if args.smoke else ''})"
+        bench.update_markdown(Path(args.benchmarks_md), f"token-reduction-{tag}", title, text)
+        print(f"updated {args.benchmarks_md}")
+    return rows
