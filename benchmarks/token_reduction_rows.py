@@ -32,7 +32,7 @@ import torch
 from visor_hf import VisorForConditionalGeneration
 from visor_hf.baselines import TokenReducedLlavaOnevision
 from visor_hf.configuration_visor import validate_token_reduction
-from visor_hf.flops import count_flops, token_reduction_counts
+from visor_hf.flops import count_flops, keep_ratio_for_flops, token_reduction_counts
 from visor_hf.modeling_visor import image_token_layout, reduce_image_tokens, siglip_attention_received
 
 PRUNING = ("visionzip", "vispruner")
@@ -58,21 +58,6 @@ def label(setting: dict) -> str:
     if setting["method"] == "pack":
         return f"pack x{setting['pack_factor']}"
     return f"{setting['method']} @ {setting['keep_ratio']:.3g}"
-
-
-def matched_keep_ratio(config, num_visual: int, num_text: int, image_size, method: str, target: float) -> float:
-    """The keep ratio at which dense + `method` costs `target` LLM FLOPs (bisection; FLOPs grow with the ratio)."""
-    def llm(ratio: float) -> float:
-        setting = {"method": method, "keep_ratio": ratio}
-        return count_flops(config, num_visual, num_text, "full", token_reduction=setting, image_size=image_size)["dense"]["llm"]
-
-    low, high = 1e-4, 1.0
-    if llm(high) <= target:
-        return 1.0
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if llm(middle) < target else (low, middle)
-    return high
 
 
 def packing_model(llava, visor, factor: int):
@@ -152,7 +137,7 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
             continue
         target = flops_of(kind, budget, setting)[0]
         method = setting["method"] if setting is not None and setting["method"] in PRUNING else "visionzip"
-        ratio = matched_keep_ratio(config, num_visual, num_text, image_size, method, target)
+        ratio = keep_ratio_for_flops(config, image_size, num_text, method, target)
         matched = reduction_setting(method, ratio, vision_layers)
         # newline tokens are always kept: dense + pruning may not get down to the target at any ratio
         reached = flops_of("dense", None, matched)[0] <= 1.02 * target

@@ -253,6 +253,25 @@ def _vispruner_flops(n: int, keep: int, setting: dict, hidden: int) -> int:
     return flops
 
 
+def keep_ratio_for_flops(config, image_size, num_text_tokens: int, method: str, target_llm_flops: float, **setting) -> float:
+    """The smallest keep ratio at which dense LLaVA-OneVision + pruning `method` costs at least `target_llm_flops`
+    LLM FLOPs: dense + pruning matched to a VISOR configuration. Returns 1.0 if even no pruning costs less; a
+    target below what the always-kept newline tokens cost gives the smallest ratio tried (1e-4)."""
+    num_visual = token_reduction_counts(config, image_size, None)["num_vision_tokens"]
+
+    def llm(ratio: float) -> float:
+        reduction = {"method": method, "keep_ratio": ratio, **setting}
+        return count_flops(config, num_visual, num_text_tokens, "full", token_reduction=reduction, image_size=image_size)["dense"]["llm"]
+
+    low, high = 1e-4, 1.0
+    if llm(high) <= target_llm_flops:
+        return 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if llm(middle) < target_llm_flops else (low, middle)
+    return high
+
+
 def count_flops(
     config, num_vision_tokens: int, num_text_tokens: int, budget="full", num_crops: int | None = None,
     lm_head: str = "last", router: bool = False, token_reduction=None, image_size=None,
@@ -434,7 +453,9 @@ class CostReport:
         return "\n".join(lines)
 
 
-def describe_cost(model_or_config, inputs: dict, budget=None, self_attn_layers=None, lm_head: str = "last") -> CostReport:
+def describe_cost(
+    model_or_config, inputs: dict, budget=None, self_attn_layers=None, lm_head: str = "last", token_reduction=None
+) -> CostReport:
     """Per-sample configuration and FLOPs relative to dense LLaVA-OneVision for a VISOR call.
 
     `inputs` are the model's inputs (input_ids, attention_mask, image_sizes, batch_num_images as LLaVA-OV takes
@@ -443,6 +464,8 @@ def describe_cost(model_or_config, inputs: dict, budget=None, self_attn_layers=N
     configuration comes from `budget` (a fixed budget or a list with one per sample; default
     `config.default_budget`). Each sample is counted as it would run alone: a batch mixing configurations
     runs the union of their layers on padded buffers, so its wall time follows the most expensive sample.
+    With `token_reduction` (the setting of the call), each sample is counted on its surviving visual tokens, the
+    selection included; that needs one image per sample (its size fixes the layout).
     """
     config = as_visor_config(getattr(model_or_config, "config", model_or_config))
     input_ids = inputs["input_ids"]
@@ -462,9 +485,17 @@ def describe_cost(model_or_config, inputs: dict, budget=None, self_attn_layers=N
     for b in range(batch):
         num_visual, num_text = int(is_visual[b].sum()), int((valid[b] & ~is_visual[b]).sum())
         configuration = tuple(self_attn_layers[b]) if self_attn_layers is not None else budgets[b]
+        image_size = None
+        if token_reduction is not None and num_visual:
+            per_sample = inputs.get("batch_num_images")
+            if per_sample is not None and int(per_sample[b]) != 1:
+                raise ValueError("describe_cost(token_reduction=...) counts samples with one image each")
+            first = int(sum(per_sample[:b])) if per_sample is not None else sum(bool(is_visual[i].any()) for i in range(b))
+            image_size = [int(x) for x in inputs["image_sizes"][first]]
         flops = count_flops(
             config, num_visual, num_text, budget=configuration, num_crops=crops[b] if num_visual else 0,
-            lm_head=lm_head, router=budgets[b] == "auto",
+            lm_head=lm_head, router=budgets[b] == "auto", token_reduction=token_reduction if num_visual else None,
+            image_size=image_size,
         )
         samples.append(SampleCost(flops["self_attn_layers"], num_visual, num_text, crops[b], flops["visor"], flops["dense"]))
     return CostReport(samples)
@@ -493,6 +524,6 @@ def _crops_per_sample(config, inputs: dict, has_image: list[bool]) -> list[int]:
 
 
 __all__ = [
-    "count_flops", "token_reduction_counts", "fastv_style_flops", "kv_cache_bytes", "cache_nbytes", "describe_cost", "resolve_configuration",
+    "count_flops", "token_reduction_counts", "keep_ratio_for_flops", "fastv_style_flops", "kv_cache_bytes", "cache_nbytes", "describe_cost", "resolve_configuration",
     "num_crops_for_image", "vision_encoder_flops", "CostReport", "SampleCost",
 ]

@@ -19,18 +19,26 @@ from collections import Counter, defaultdict
 
 import torch
 
-from ..flops import describe_cost
+from ..baselines import TokenReducedLlavaOnevision
+from ..flops import count_flops, describe_cost
 from ..training.data import VisorDataCollator
 
 
 @torch.no_grad()
-def evaluate(model, processor, records, image_folder: str, budget=None, batch_size: int = 32) -> list[dict]:
+def evaluate(model, processor, records, image_folder: str, budget=None, batch_size: int = 32, token_reduction=None) -> list[dict]:
     """One row per record (one question each): id, kind, family, answer, predicted, correct, and for a
-    VISOR model the configuration run and its LLM prefill FLOPs relative to dense."""
-    is_visor = hasattr(model.config, "self_attn_layers")
+    VISOR model the configuration run and its LLM prefill FLOPs relative to dense.
+
+    `model` may also be a `baselines.TokenReducedLlavaOnevision` (dense + pruning): its logits cover the shortened
+    prompt, so it runs one question at a time, and its FLOPs are counted on the surviving tokens."""
+    reduced_dense = isinstance(model, TokenReducedLlavaOnevision)
+    config = model.llava.config if reduced_dense else model.config
+    is_visor = hasattr(config, "self_attn_layers")
+    if reduced_dense:
+        batch_size, token_reduction = 1, model.setting
     collator = VisorDataCollator(processor, image_folder)
     tokenizer = processor.tokenizer
-    model.eval()
+    (model.llava if reduced_dense else model).eval()
     rows = []
     for start in range(0, len(records), batch_size):
         chunk = [records[i] for i in range(start, min(start + batch_size, len(records)))]
@@ -39,11 +47,16 @@ def evaluate(model, processor, records, image_folder: str, budget=None, batch_si
         question_index = inputs.pop("question_index")
         if int(question_index.max()) > 0:
             raise ValueError("evaluate() takes records with one question each")
+        cost = None
         if is_visor:
-            out = model(**inputs, budget=budget, use_cache=False)
-            cost = describe_cost(model, inputs, budget=budget, self_attn_layers=out.self_attn_layers)
+            out = model(**inputs, budget=budget, use_cache=False, token_reduction=token_reduction)
+            cost = describe_cost(model, inputs, budget=budget, self_attn_layers=out.self_attn_layers,
+                                 token_reduction=token_reduction)
         else:
             out = model(**inputs, use_cache=False)
+            if reduced_dense:  # one prompt, shortened at the image: its text tail lines up with the labels' tail
+                labels = labels[:, labels.shape[1] - out.logits.shape[1]:]
+                cost = describe_cost(config, inputs, budget="full", token_reduction=token_reduction)
         predicted, target = out.logits[:, :-1].argmax(-1), labels[:, 1:]
         for b, record in enumerate(chunk):
             answer_positions = (target[b] != -100).nonzero().flatten()
@@ -53,10 +66,14 @@ def evaluate(model, processor, records, image_folder: str, budget=None, batch_si
                 "predicted": tokenizer.decode(predicted[b, answer_positions[:1]]).strip(),
                 "correct": bool((predicted[b, answer_positions] == target[b, answer_positions]).all()),
             }
-            if is_visor:
+            if cost is not None:
                 sample = cost.samples[b]
-                row["self_attn_layers"] = list(out.self_attn_layers[b])
-                row["visor_llm_flops"], row["dense_llm_flops"] = sample.visor["llm"], sample.dense["llm"]
+                row["self_attn_layers"] = list(out.self_attn_layers[b]) if is_visor else list(range(config.text_config.num_hidden_layers))
+                row["visor_llm_flops"] = (sample.visor if is_visor else sample.dense)["llm"]
+                row["num_vision_tokens"], row["num_text_tokens"] = sample.num_vision_tokens, sample.num_text_tokens
+                # relative to dense LLaVA-OneVision on the whole prompt (no reduction)
+                row["dense_llm_flops"] = count_flops(config, sample.num_vision_tokens, sample.num_text_tokens, "full",
+                                                     num_crops=sample.num_crops)["dense"]["llm"]
             rows.append(row)
     return rows
 

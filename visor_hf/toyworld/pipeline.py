@@ -62,6 +62,7 @@ class Preset:
     router_lr: float
     batch_size: int
     group_by: str | None = "family"
+    reduction_keep_ratio: float = 0.25  # token-reduction rows of the evaluation (issue 8)
     warmup_steps: int = 100
     extra_train_args: list = field(default_factory=list)
 
@@ -228,6 +229,7 @@ def stage_evaluate(run: Run) -> None:
             rows = evaluate(model, processor, test, folder, budget=budget)
             results["budgets"][name], results["rows"][name] = summarise(rows), rows
             print(f"[toyworld] evaluate {name}: accuracy {results['budgets'][name]['all']['accuracy']:.3f}", flush=True)
+        results["reduction"] = evaluate_token_reduction(run, model, processor, results, test, folder)
     config = model.config
     results["model"] = {
         "num_layers": config.num_layers, "cross_attn_layers": config.cross_attn_layers,
@@ -240,6 +242,40 @@ def stage_evaluate(run: Run) -> None:
     with open(run.path("results.json"), "w") as f:
         json.dump(results, f, indent=1)
     run.record("evaluate", time.time() - start)
+
+
+def evaluate_token_reduction(run: Run, model, processor, results: dict, test, folder: str) -> dict:
+    """Issue 8's rows: training-free pruning (VisionZip-, VisPruner-style) on VISOR (full budget and "auto") and on
+    the dense model, at the preset's keep ratio, plus dense + VisionZip at the keep ratio that costs what VISOR
+    "auto" costs on average (matched FLOPs). The toy vision tower has one layer: its attention scores the tokens."""
+    from ..baselines import TokenReducedLlavaOnevision
+    from ..flops import keep_ratio_for_flops
+    from .dense import load_dense
+    from .evaluate import evaluate, summarise
+    from .world import CANVAS
+
+    ratio, reduction = run.preset.reduction_keep_ratio, {}
+    dense, dense_processor = load_dense(run.path("dense"))
+    full = max((tuple(c) for c in model.config.configurations), key=len)
+    # matched FLOPs: every toy image has one size; prompts differ by a word or two, so the first question's text
+    # length stands for all
+    first = results["rows"]["auto"][0]
+    target = results["budgets"]["auto"]["all"]["relative_flops"] * first["dense_llm_flops"]
+    matched = keep_ratio_for_flops(dense.config, (CANVAS, CANVAS), first["num_text_tokens"], "visionzip", target, score_layer=0)
+    runs = []
+    for method in ("visionzip", "vispruner"):
+        setting = {"method": method, "keep_ratio": ratio, "score_layer": 0}
+        runs += [(f"VISOR full + {method} @ {ratio:g}", model, processor, full, setting),
+                 (f"VISOR auto + {method} @ {ratio:g}", model, processor, "auto", setting),
+                 (f"dense + {method} @ {ratio:g}", TokenReducedLlavaOnevision(dense, setting), dense_processor, None, None)]
+    setting = {"method": "visionzip", "keep_ratio": matched, "score_layer": 0}
+    runs.append((f"dense + visionzip @ {matched:.3g} (FLOPs of VISOR auto)", TokenReducedLlavaOnevision(dense, setting),
+                 dense_processor, None, None))
+    for name, evaluated, evaluated_processor, budget, setting in runs:
+        rows = evaluate(evaluated, evaluated_processor, test, folder, budget=budget, token_reduction=setting)
+        reduction[name], results["rows"][name] = summarise(rows), rows
+        print(f"[toyworld] evaluate {name}: accuracy {reduction[name]['all']['accuracy']:.3f}", flush=True)
+    return reduction
 
 
 def machine_description() -> dict:

@@ -140,6 +140,20 @@ def family_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def reduction_table(results: dict) -> str:
+    """Token reduction (issue 8): pruning on VISOR and on dense, next to the plain rows they compare with."""
+    names = fixed_budgets(results)
+    plain = [("dense LLaVA-OV", results["dense"]), (f"VISOR full ({_layers(names[-1])})", results["budgets"][names[-1]]),
+             ("VISOR auto", results["budgets"]["auto"])]
+    lines = ["| model | visual tokens kept | coarse acc. % | fine acc. % | all % | LLM prefill FLOPs vs dense |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, s in plain + list(results["reduction"].items()):
+        kept = "all" if "@" not in name else name.split("@ ")[1].split(" ")[0]
+        lines.append(f"| {name.split(' @')[0] if '@' in name else name} | {kept} | {_pct(s['coarse']['accuracy'])} | "
+                     f"{_pct(s['fine']['accuracy'])} | {_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
+    return "\n".join(lines)
+
+
 def claims_block(results: dict) -> str:
     return "\n".join(f"- {c['claim']}: **{'holds' if c['holds'] else 'does not hold'}**. {c['evidence']}."
                      for c in claims(results))
@@ -168,6 +182,8 @@ def markdown(results: dict, workdir: str, plot_name: str = "results.png") -> str
         "The paper's claims on this world:\n\n" + claims_block(results),
         "What the router picks (share of test questions per configuration of self-attention layers):\n\n" + router_table(results),
         "Accuracy (%) per question family:\n\n" + family_table(results),
+        *(["Token reduction (training-free pruning at the share of visual tokens kept; the paper's claim is that "
+            "pruning hurts fine-grained questions most):\n\n" + reduction_table(results)] if results.get("reduction") else []),
         provenance(results, workdir),
     ])
 
