@@ -162,9 +162,13 @@ class VisorCPE(nn.Module):
         if gaps:
             position = (torch.arange(x.shape[1], device=x.device) + half * rank).unsqueeze(-1).expand_as(x)
             source = x.new_zeros(x.shape[0], x.shape[1] + half * gaps, x.shape[2]).scatter(1, position, source)
-        conv = F.conv1d(
-            source.transpose(1, 2), self.weight.to(x.dtype), self.bias.to(x.dtype), padding=half, groups=x.shape[-1]
-        ).transpose(1, 2)
+        # The depth-wise conv1d, run as a conv2d over a (B, H, 1, N) view of the (B, N, H) tokens. That view is
+        # channels-last, which the CPU conv2d kernel takes as it is (about 10x faster at N = 2,916, H = 896 than
+        # F.conv1d, which copies to channels-first); the arithmetic is the same.
+        conv = F.conv2d(
+            source.transpose(1, 2).unsqueeze(2), self.weight.to(x.dtype).unsqueeze(2), self.bias.to(x.dtype),
+            padding=(0, half), groups=x.shape[-1],
+        ).squeeze(2).transpose(1, 2)
         if gaps:
             conv = conv.gather(1, position)
         return x + conv
