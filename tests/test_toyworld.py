@@ -50,6 +50,13 @@ def test_scenes_are_well_formed():
         assert all(abs(s.centre_x - scene.large.centre_x) >= 6 for s in scene.small)  # left/right is unambiguous
         image = world.render(scene)
         assert image.size == (world.CANVAS, world.CANVAS)
+        for shape in [scene.large, *scene.small]:  # each digit alone in its own patch, below its shape
+            column, row = shape.label_patch()
+            assert row * world.PATCH >= shape.y + shape.size and (row + 1) * world.PATCH <= world.CANVAS
+            patch = image.crop((column * world.PATCH, row * world.PATCH, (column + 1) * world.PATCH, (row + 1) * world.PATCH))
+            pixels = [tuple(p) for p in __import__("numpy").asarray(patch).reshape(-1, 3).tolist()]
+            assert pixels.count((20, 20, 20)) == "".join(world.DIGITS[shape.label]).count("1")
+            assert set(pixels) == {(20, 20, 20), scene.background}
 
 
 def test_in_memory_dataset_holds_images():

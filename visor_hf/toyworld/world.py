@@ -2,8 +2,10 @@
 
 Every image is a 64 x 64 canvas with one large shape and 2-4 small shapes (colours: red, green, blue, yellow,
 purple; kinds: circle, square, triangle). Under every shape a tiny digit (3 x 5 pixels, a bitmap font drawn
-here, no system font) is printed, all digits of an image different. Questions come in two kinds, named in
-each record:
+here, no system font) is printed, all digits of an image different. Each digit sits alone inside one 8 x 8
+patch of the vision tower (the patch below the shape's centre, in the first patch row clear of the shape), so
+a digit is always the same pixels within its token: reading it is easy, finding *which* one is asked is not.
+Questions come in two kinds, named in each record:
 
     coarse (one property of the large shape, visible at low resolution)
         colour_large   what colour is the large shape?                      -> red | green | ...
@@ -66,7 +68,8 @@ DIGITS = {
     "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "001", "010", "010"),
     "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
 }
-LABEL_GAP = 2  # pixels between a small shape and its digit
+PATCH = 8  # the vision tower's patch size: each digit is drawn inside one patch of the full-resolution crops
+DIGIT_OFFSET = (2, 1)  # the digit's top-left pixel inside its patch
 
 
 @dataclass
@@ -76,17 +79,23 @@ class Shape:
     x: int  # top-left corner
     y: int
     size: int
-    label: str | None = None  # the digit printed below (small shapes)
+    label: str | None = None  # the digit printed below
 
     @property
     def centre_x(self) -> float:
         return self.x + self.size / 2
 
+    def label_patch(self) -> tuple[int, int]:
+        """(column, row) of the patch holding the digit: the patch column of the shape's centre, the first patch
+        row entirely below the shape."""
+        return int(self.centre_x) // PATCH, -(-(self.y + self.size) // PATCH)
+
     def box(self) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) covering the shape and its label, exclusive ends."""
-        bottom = self.y + self.size + (LABEL_GAP + 5 if self.label is not None else 0)
-        left = min(self.x, int(self.centre_x) - 1)
-        return left, self.y, max(self.x + self.size, int(self.centre_x) + 2), bottom
+        """(x0, y0, x1, y1) covering the shape and its label's whole patch, exclusive ends."""
+        if self.label is None:
+            return self.x, self.y, self.x + self.size, self.y + self.size
+        column, row = self.label_patch()
+        return (min(self.x, column * PATCH), self.y, max(self.x + self.size, (column + 1) * PATCH), (row + 1) * PATCH)
 
 
 @dataclass
@@ -109,7 +118,7 @@ def sample_scene(rng: random.Random, canvas: int = CANVAS) -> Scene:
         size = rng.randint(18, 24)
         digits = rng.sample(sorted(DIGITS), 5)
         large = Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(2, canvas - size - 2),
-                      rng.randint(1, canvas - size - LABEL_GAP - 6), size, digits[0])
+                      rng.randint(1, canvas - PATCH - size), size, digits[0])
         if abs(large.centre_x - canvas / 2) < 4:
             continue
         small, boxes = [], [large.box()]
@@ -117,7 +126,7 @@ def sample_scene(rng: random.Random, canvas: int = CANVAS) -> Scene:
             for _ in range(50):
                 s = rng.randint(7, 9)
                 shape = Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, canvas - s - 1),
-                              rng.randint(1, canvas - s - LABEL_GAP - 6), s, digit)
+                              rng.randint(1, canvas - PATCH - s), s, digit)
                 if abs(shape.centre_x - large.centre_x) < 6:
                     continue
                 if all(not _overlaps(shape.box(), other, 2) for other in boxes):
@@ -147,7 +156,8 @@ def render(scene: Scene, canvas: int = CANVAS) -> Image.Image:
         else:
             draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
         if shape.label is not None:
-            left, top = int(shape.centre_x) - 1, y1 + 1 + LABEL_GAP
+            column, row = shape.label_patch()
+            left, top = column * PATCH + DIGIT_OFFSET[0], row * PATCH + DIGIT_OFFSET[1]
             for dy, row in enumerate(DIGITS[shape.label]):
                 for dx, bit in enumerate(row):
                     if bit == "1":
