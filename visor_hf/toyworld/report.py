@@ -141,16 +141,23 @@ def family_table(results: dict) -> str:
 
 
 def reduction_table(results: dict) -> str:
-    """Token reduction (issue 8): pruning on VISOR and on dense, next to the plain rows they compare with."""
+    """Token reduction (issue 8): pruning on VISOR and on dense, with the accuracy change against the same model
+    unpruned, per question kind (the paper: pruning hurts fine-grained questions most)."""
     names = fixed_budgets(results)
-    plain = [("dense LLaVA-OV", results["dense"]), (f"VISOR full ({_layers(names[-1])})", results["budgets"][names[-1]]),
-             ("VISOR auto", results["budgets"]["auto"])]
-    lines = ["| model | visual tokens kept | coarse acc. % | fine acc. % | all % | LLM prefill FLOPs vs dense |",
+    plain = {"dense": results["dense"], "VISOR full": results["budgets"][names[-1]], "VISOR auto": results["budgets"]["auto"]}
+    lines = ["| model | visual tokens kept | coarse acc. % (change) | fine acc. % (change) | all % | LLM prefill FLOPs vs dense |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, s in plain + list(results["reduction"].items()):
-        kept = "all" if "@" not in name else name.split("@ ")[1].split(" ")[0]
-        lines.append(f"| {name.split(' @')[0] if '@' in name else name} | {kept} | {_pct(s['coarse']['accuracy'])} | "
-                     f"{_pct(s['fine']['accuracy'])} | {_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
+    for name, s in plain.items():
+        lines.append(f"| {name} | all | {_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | "
+                     f"{_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
+    for name, s in results["reduction"].items():
+        model, rest = name.split(" + ", 1)
+        method, kept = rest.split(" @ ")[0], rest.split(" @ ")[1].split(" ")[0]
+        base = plain[model]
+        change = lambda kind: f"{_pct(s[kind]['accuracy'])} ({100 * (s[kind]['accuracy'] - base[kind]['accuracy']):+.1f})"
+        note = " (FLOPs of VISOR auto)" if "FLOPs of" in name else ""
+        lines.append(f"| {model} + {method}{note} | {kept} | {change('coarse')} | {change('fine')} | "
+                     f"{_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
     return "\n".join(lines)
 
 
