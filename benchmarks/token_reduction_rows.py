@@ -12,8 +12,9 @@ Rows, for each image size (`--image-sizes`; 384x384 gives 1,485 visual tokens, 7
 
 Timings (medians, round-robin over rows as in bench_prefill):
 - vision: SigLIP + projector on the image's crops, shared by every row (measured once per repeat);
-- selection: what reduction adds after the vision tower: the scoring SigLIP layer's attention (from an input of
-  its real shape), LLaVA-OV's token layout and the per-tile selection, or the packing projection;
+- selection: what reduction adds after the vision tower: the scoring SigLIP layer's attention scores (from query
+  and key projections of their real shape), LLaVA-OV's token layout and the per-tile selection, or the packing
+  projection;
 - LLM prefill: the model's forward from precomputed (reduced) features: prompt compaction, decoder, lm_head on
   the last position. TTFT = vision + selection + LLM prefill.
 FLOPs: `visor_hf.flops.count_flops(..., token_reduction=, image_size=)`; the FLOPs ratio is dense's LLM FLOPs
@@ -33,7 +34,7 @@ from visor_hf import VisorForConditionalGeneration
 from visor_hf.baselines import TokenReducedLlavaOnevision
 from visor_hf.configuration_visor import validate_token_reduction
 from visor_hf.flops import count_flops, keep_ratio_for_flops, token_reduction_counts
-from visor_hf.modeling_visor import image_token_layout, reduce_image_tokens, siglip_attention_received
+from visor_hf.modeling_visor import attention_received, image_token_layout, reduce_image_tokens
 
 PRUNING = ("visionzip", "vispruner")
 
@@ -100,7 +101,8 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
     features = (0.02 * torch.randn(num_visual, config.text_config.hidden_size, generator=generator)).to(device, dtype)
     pixel_values = torch.randn(num_crops, 3, crop, crop, generator=generator).to(device, dtype)
     tokens, width = (crop // config.vision_config.patch_size) ** 2, config.vision_config.hidden_size
-    score_input = torch.randn(num_crops, tokens, width, generator=generator).to(device, dtype)
+    # the scoring layer's query and key projections, which the model captures as the tower runs
+    queries, keys = (torch.randn(num_crops, tokens, width, generator=generator).to(device, dtype) for _ in range(2))
 
     settings = [reduction_setting(m, args.keep_ratio, vision_layers) for m in args.token_reduction]
     if None in settings:
@@ -111,7 +113,8 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
         """Reduced features and kept mask, as VisorModel.reduce_visual_tokens computes them after the tower."""
         scores = None
         if setting["method"] != "pack":
-            scores = siglip_attention_received(tower.encoder.layers[setting["score_layer"]], score_input)
+            attention = tower.encoder.layers[setting["score_layer"]].self_attn
+            scores = attention_received(queries, keys, attention.num_heads, attention.scale)
         (newline, token_scores, base), = image_token_layout(config, [image_size], None, scores, device)
         packer = packers[setting["pack_factor"]].model.token_packer if setting["method"] == "pack" else None
         chosen, positions = reduce_image_tokens(features, newline, token_scores, base, setting, packer)

@@ -50,6 +50,33 @@ def test_pruned_counts_follow_the_ratio_per_tile_and_keep_newlines(visor, batch,
         assert feature.shape[0] == int(mask.sum())
 
 
+@pytest.mark.parametrize("score_layer", [-2, 0])
+def test_scores_are_the_attention_each_token_receives_in_the_scoring_layer(visor, batch, score_layer):
+    """Against SigLIP's own attention weights (eager, output_attentions): mean over heads and queries."""
+    from visor_hf.modeling_visor import VisorModel
+
+    tower = visor.model.vision_tower
+    with torch.no_grad():
+        _, scores = VisorModel.visual_features_with_scores(visor.model, batch["pixel_values"], batch["image_sizes"], None, score_layer)
+        crops = torch.cat([batch["pixel_values"][i, :n] for i, n in enumerate(scores_per_image(visor, batch))])
+        implementation = tower.config._attn_implementation
+        tower.config._attn_implementation = "eager"
+        try:
+            attentions = tower(crops, output_attentions=True).attentions
+        finally:
+            tower.config._attn_implementation = implementation
+    expected = attentions[score_layer].mean(dim=(1, 2))  # (crops, heads, queries, keys) -> (crops, keys)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)
+
+
+def scores_per_image(model, batch) -> list[int]:
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    config = model.config
+    return [image_size_to_num_patches(list(size), config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in batch["image_sizes"].tolist()]
+
+
 def test_packing_starts_as_the_mean_of_each_group_and_pads_the_last():
     packer = VisorTokenPacker(hidden_size=4, factor=3)
     tokens = torch.randn(7, 4)

@@ -20,8 +20,8 @@ Convention (the same for every function here, and what `tests/test_flops.py` che
   `logits_to_keep=0`); `lm_head="none"` leaves it out (as FastV-style counts do).
 - Token reduction (`token_reduction=`, with the image's `image_size`): the LLM is counted on the tokens that
   survive (exact, from LLaVA-OneVision's own anyres layout and the reduction's segments), and the selection's
-  own matrix products join the vision encoder under `token_selection`: for pruning, the q/k projections and
-  QK^T of the scoring SigLIP layer on every crop plus the cosine similarities (VisionZip's contextual merge,
+  own matrix products join the vision encoder under `token_selection`: for pruning, QK^T of the scoring
+  SigLIP layer on every crop (its q/k projections are the tower's own, captured) plus the cosine similarities (VisionZip's contextual merge,
   VisPruner's duplicate removal); for packing, its k*H -> H projection. The dense model gets the same
   reduction (what `baselines.TokenReducedLlavaOnevision` runs).
 - Counts are per sample (batch size 1, no padding). The router MLP (budget "auto") is added with
@@ -223,9 +223,9 @@ def token_reduction_counts(config, image_size, token_reduction) -> dict:
         keep = math.ceil(n * setting["keep_ratio"])
         kept += keep
         selection += (_visionzip_flops if setting["method"] == "visionzip" else _vispruner_flops)(n, keep, setting, hidden)
-    if setting["method"] != "pack":  # the scoring layer's q, k projections and QK^T on every crop
+    if setting["method"] != "pack":  # the scoring layer's QK^T again on every crop (its kernel returns no weights)
         tokens, width = tokens_per_crop(config), config.vision_config.hidden_size
-        selection += crops * (2 * tokens * width * width * 2 + 2 * tokens * tokens * width)
+        selection += crops * 2 * tokens * tokens * width
     return {"num_vision_tokens": total, "kept": kept, "num_crops": crops, "selection": selection}
 
 

@@ -390,15 +390,13 @@ def image_token_layout(config, image_sizes, batch_num_images=None, crop_scores=N
     return [(m[:, 0] == 1, score, per_crop) for m, score in zip(markers, scores)]
 
 
-def siglip_attention_received(layer, hidden_states: torch.Tensor) -> torch.Tensor:
-    """(crops, T) mean attention each token receives in one SigLIP encoder layer, from that layer's input
-    (crops, T, C): softmax(QK^T) of its own projections, averaged over heads and queries. One crop at a time, so
-    memory stays at one T x T map a head; the tower itself keeps its attention kernel."""
-    attn = layer.self_attn
+def attention_received(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """(crops, T) mean attention each token receives in one attention layer, averaged over heads and queries, from
+    that layer's query and key projections (crops, T, C). One crop at a time: memory stays at one T x T map a head."""
     scores = []
-    for crop in layer.layer_norm1(hidden_states):
-        heads = lambda x: x.view(crop.shape[0], attn.num_heads, attn.head_dim).transpose(0, 1)  # (h, T, d)
-        probs = torch.softmax(heads(attn.q_proj(crop)) @ heads(attn.k_proj(crop)).transpose(1, 2) * attn.scale, -1)
+    for query, key in zip(queries, keys):
+        heads = lambda x: x.view(x.shape[0], num_heads, -1).transpose(0, 1)  # (h, T, d)
+        probs = torch.softmax(heads(query) @ heads(key).transpose(1, 2) * scale, -1)
         scores.append(probs.float().mean(dim=(0, 1)))
     return torch.stack(scores)
 
@@ -688,20 +686,21 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
     def visual_features_with_scores(self, pixel_values, image_sizes, batch_num_images, score_layer: int):
         """Features, plus the mean attention each crop token receives in SigLIP layer `score_layer` (SigLIP has no
-        CLS token). Only that layer's scores are computed, from its input; the tower keeps its attention kernel."""
+        CLS token). The layer's own query and key projections are captured as the tower runs, and only the
+        scores are computed again: the tower keeps its attention kernel (SDPA, flash), which returns no weights."""
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
-        layer = tower.encoder.layers[score_layer]
+        attention = tower.encoder.layers[score_layer].self_attn
         captured = {}
-
-        def capture(module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-
-        handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        hooks = [
+            attention.q_proj.register_forward_hook(lambda module, args, output: captured.__setitem__("queries", output)),
+            attention.k_proj.register_forward_hook(lambda module, args, output: captured.__setitem__("keys", output)),
+        ]
         try:
             features = VisorModel.visual_features(self, pixel_values, image_sizes, batch_num_images)
         finally:
-            handle.remove()
-        scores = siglip_attention_received(layer, captured["hidden"])  # (crops, T)
+            for hook in hooks:
+                hook.remove()
+        scores = attention_received(captured["queries"], captured["keys"], attention.num_heads, attention.scale)
         if self.config.vision_feature_select_strategy == "default":
             scores = scores[:, 1:]
         return features, scores
