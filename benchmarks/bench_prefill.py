@@ -125,11 +125,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.threads = args.threads or 1  # two threads on a busy 2-core machine can run 10x slower
     args.vision_tokens = args.vision_tokens or ([729, 1485, 2916, 7290] if args.device == "cuda" else [729, 1485, 2916])
     args.budgets = args.budgets or (["2"] if args.token_reduction else ["0", "2", "4", "8", "auto"])
+    if not args.token_reduction and (args.image_sizes or "--keep-ratio" in (argv if argv is not None else sys.argv)):
+        parser.error("--image-sizes and --keep-ratio apply with --token-reduction only")
     if args.token_reduction:
         from token_reduction_rows import parse_image_size
 
         if not 0 < args.keep_ratio <= 1:
             parser.error(f"--keep-ratio {args.keep_ratio}: must be in (0, 1]")
+        if "auto" in args.budgets:
+            parser.error("--budgets auto does not combine with --token-reduction (a grafted model has no trained "
+                         "router); use fixed budgets")
         default_sizes = ["56x56", "112x112"] if args.smoke else ["384x384", "768x768"] + (["1152x1152"] if args.device == "cuda" else [])
         try:
             args.image_sizes = [parse_image_size(size) for size in args.image_sizes or default_sizes]

@@ -43,7 +43,9 @@ def parse_image_size(text: str) -> tuple[int, int]:
     try:
         height, width = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--image-sizes {text!r}: use HEIGHTxWIDTH, e.g. 768x768") from None
+        height = width = 0
+    if height <= 0 or width <= 0:
+        raise ValueError(f"--image-sizes {text!r}: use HEIGHTxWIDTH with positive sizes, e.g. 768x768")
     return height, width
 
 
@@ -105,8 +107,10 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
     queries, keys = (torch.randn(num_crops, tokens, width, generator=generator).to(device, dtype) for _ in range(2))
 
     settings = [reduction_setting(m, args.keep_ratio, vision_layers) for m in args.token_reduction]
-    if None in settings:
-        raise ValueError(f"--keep-ratio {args.keep_ratio} keeps every token: nothing to compare")
+    for method, setting in zip(args.token_reduction, settings):
+        if setting is None:
+            raise ValueError(f"--keep-ratio {args.keep_ratio} keeps every token for {method}"
+                             + (" (pack factor round(1 / r) = 1)" if method == "pack" else "") + ": nothing to compare")
     packers = {s["pack_factor"]: packing_model(llava, visor, s["pack_factor"]) for s in settings if s["method"] == "pack"}
 
     def select(setting):
@@ -133,7 +137,7 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
         counted = count_flops(config, num_visual, num_text, "full" if budget is None else budget, num_crops=num_crops,
                               token_reduction=setting, image_size=image_size)
         entry = counted[kind]
-        return entry["llm"], entry["breakdown"].get("token_selection", 0), counted["num_vision_tokens"]
+        return entry["llm"], entry["breakdown"].get("token_selection", 0), counted["num_vision_tokens_kept"]
 
     for name, kind, budget, setting, _ in list(entries):
         if kind != "visor":
@@ -143,7 +147,7 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
         ratio = keep_ratio_for_flops(config, image_size, num_text, method, target)
         matched = reduction_setting(method, ratio, vision_layers)
         # newline tokens are always kept: dense + pruning may not get down to the target at any ratio
-        reached = flops_of("dense", None, matched)[0] <= 1.02 * target
+        reached = abs(flops_of("dense", None, matched)[0] - target) <= 0.02 * target
         entries.append((f"dense + {method} @ {ratio:.3g} ({'=' if reached else 'closest to'} {name})", "dense", None,
                         matched, name))
 
@@ -161,6 +165,8 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
         """The timed call of a row and the object whose reduce_visual_tokens it runs (None without reduction)."""
         if kind == "dense" and setting is None:
             return (lambda: llava(**inputs, **common)), None
+        if setting is None:
+            return (lambda: visor(**inputs, budget=budget, **common)), None
         if kind == "dense":
             wrapper = TokenReducedLlavaOnevision(llava, setting)
             return (lambda: wrapper(**inputs, **common)), wrapper

@@ -103,7 +103,7 @@ def test_count_flops_with_token_reduction_matches_flop_counter(eager_llava, one_
     image_size = tuple(int(x) for x in one_sample["image_sizes"][0])
     for budget in [0, "full"]:
         expected = count_flops(visor.config, num_visual, num_text, budget, token_reduction=setting, image_size=image_size)
-        assert expected["num_vision_tokens"] < num_visual
+        assert expected["num_vision_tokens_kept"] < num_visual
         assert expected["visor"]["breakdown"]["token_selection"] > 0
         measured = counted_flops(visor, one_sample, budget=budget, logits_to_keep=1)
         assert measured == pytest.approx(expected["visor"]["total"], rel=1e-3), budget

@@ -13,7 +13,7 @@ Convention (the same for every function here, and what `tests/test_flops.py` che
   adds, the tanh gates, the anyres packing and its interpolation. They are a fraction of a percent.
 - VISOR's CPE is a convolution and is counted: a depth-wise conv of kernel k over the visual tokens, 2 * k * H
   per visual token and cross-attention layer (breakdown key `cpe`), as `FlopCounterMode` counts the model's
-  `F.conv1d`. Zero gaps the model inserts between two images sharing a row are not counted.
+  depth-wise convolution. Zero gaps the model inserts between two images sharing a row are not counted.
 - lm_head: counted on `lm_head="last"` positions by default, the one position `generate` needs at prefill
   (`logits_to_keep=1` in both models). `lm_head="all"` counts every position of the dense sequence
   (N_v + N_t: both LLaVA-OneVision's and VISOR's `forward` return logits in the dense layout when
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration_visor import VisorConfig
+from .configuration_visor import VisorConfig, validate_token_reduction
 
 LM_HEAD_CHOICES = ("last", "all", "none")
 
@@ -203,7 +203,6 @@ def token_reduction_counts(config, image_size, token_reduction) -> dict:
 
     Returns {"num_vision_tokens": N_v, "kept": N_v', "num_crops": crops, "selection": FLOPs (int)}. The counts
     follow `modeling_visor.reduce_image_tokens` exactly (newlines kept, ceil(n * keep_ratio) per segment)."""
-    from .configuration_visor import validate_token_reduction
     from .modeling_visor import image_token_layout, reduction_segments
 
     config = as_visor_config(config)
@@ -257,6 +256,9 @@ def keep_ratio_for_flops(config, image_size, num_text_tokens: int, method: str, 
     """The smallest keep ratio at which dense LLaVA-OneVision + pruning `method` costs at least `target_llm_flops`
     LLM FLOPs: dense + pruning matched to a VISOR configuration. Returns 1.0 if even no pruning costs less; a
     target below what the always-kept newline tokens cost gives the smallest ratio tried (1e-4)."""
+    if method not in ("visionzip", "vispruner"):
+        raise ValueError(f"keep_ratio_for_flops: method={method!r}; allowed: 'visionzip', 'vispruner' (dense "
+                         "LLaVA-OneVision has no packing layer)")
     num_visual = token_reduction_counts(config, image_size, None)["num_vision_tokens"]
 
     def llm(ratio: float) -> float:
@@ -283,7 +285,8 @@ def count_flops(
         num_vision_tokens: N_v, visual tokens after anyres packing (what the image placeholders count).
         num_text_tokens: N_t, the other tokens of the prompt.
         budget: "full", an int k, or a tuple of layers (one of `config.configurations`), as the model takes.
-        num_crops: crops the vision encoder runs on; default `round(N_v / tokens_per_crop)`.
+        num_crops: crops the vision encoder runs on; default: the anyres crops of `image_size` if given, else
+            `round(N_v / tokens_per_crop)`.
         lm_head: "last" (default), "all" or "none": positions the lm_head is counted on.
         router: add the router MLP (what budget="auto" runs, on every text token).
         token_reduction: a token-reduction setting (`VisorConfig.token_reduction`'s form); needs `image_size`.
@@ -291,23 +294,28 @@ def count_flops(
         image_size: (height, width) of the one image, which fixes the anyres layout the reduction works on.
 
     Returns:
-        {"visor": {...}, "dense": {...}, "self_attn_layers": S, "flops_ratio": dense / visor (LLM)} where each
-        model entry holds "vision_encoder", "llm", "total" and a "breakdown" by part.
+        {"visor": {...}, "dense": {...}, "self_attn_layers": S, "flops_ratio": dense / visor (LLM),
+        "num_vision_tokens_kept": N_v after token reduction (N_v without)} where each model entry holds
+        "vision_encoder", "llm", "total" and a "breakdown" by part. `token_reduction=None` means no reduction here
+        (`describe_cost`, which mirrors a model call, falls back to `config.token_reduction`).
     """
     config = as_visor_config(config)
     dims = TextDims.of(config.text_config)
     configuration = resolve_configuration(config, budget)
     num_visual, num_text = int(num_vision_tokens), int(num_text_tokens)
+    if image_size is not None and num_crops is None and num_visual:
+        num_crops = num_crops_for_image(config, image_size)
     num_crops = default_num_crops(config, num_visual) if num_crops is None else num_crops
     selection = 0
+    token_reduction = validate_token_reduction(token_reduction)
     if token_reduction is not None and num_visual:
         if image_size is None:
             raise ValueError("count_flops(token_reduction=...) needs image_size=(height, width): the anyres layout "
                              "decides how many tokens each segment keeps")
         counts = token_reduction_counts(config, image_size, token_reduction)
         if counts["num_vision_tokens"] != num_visual:
-            raise ValueError(f"num_vision_tokens={num_visual}, but an image of {tuple(image_size)} has "
-                             f"{counts['num_vision_tokens']} visual tokens")
+            raise ValueError(f"num_vision_tokens={num_visual} (the count before reduction), but an image of "
+                             f"{tuple(image_size)} has {counts['num_vision_tokens']} visual tokens")
         num_visual, selection = counts["kept"], counts["selection"]
     num_tokens = num_visual + num_text
     vision = vision_encoder_flops(config, num_crops) if num_visual else {}
@@ -331,7 +339,7 @@ def count_flops(
         visor["router"] = 2 * num_text * (dims.hidden * config.router_hidden_size + config.router_hidden_size * len(config.configurations))
 
     result = {"visor": _summary(vision, visor), "dense": _summary(vision, dense), "self_attn_layers": configuration,
-              "num_vision_tokens": num_visual}
+              "num_vision_tokens_kept": num_visual}
     result["flops_ratio"] = result["dense"]["llm"] / max(1, result["visor"]["llm"])
     return result
 
@@ -424,6 +432,7 @@ class SampleCost:
     num_crops: int
     visor: dict
     dense: dict
+    num_vision_tokens_kept: int | None = None  # after token reduction (None: no reduction)
 
     @property
     def llm_ratio(self) -> float:
@@ -434,6 +443,11 @@ class SampleCost:
     def total_ratio(self) -> float:
         """Dense / VISOR FLOPs including the (shared) vision encoder."""
         return self.dense["total"] / max(1, self.visor["total"])
+
+
+def _kept(sample: SampleCost) -> str:
+    kept = sample.num_vision_tokens_kept
+    return str(sample.num_vision_tokens) if kept in (None, sample.num_vision_tokens) else f"{sample.num_vision_tokens} -> {kept}"
 
 
 @dataclass
@@ -447,7 +461,7 @@ class CostReport:
         ]
         for i, s in enumerate(self.samples):
             lines.append(
-                f"{i} | {s.self_attn_layers} | {s.num_vision_tokens} | {s.num_text_tokens} | {s.num_crops} | "
+                f"{i} | {s.self_attn_layers} | {_kept(s)} | {s.num_text_tokens} | {s.num_crops} | "
                 f"{s.visor['llm'] / 1e9:.4g} | {s.dense['llm'] / 1e9:.4g} | {s.llm_ratio:.1f}x | {s.total_ratio:.1f}x"
             )
         return "\n".join(lines)
@@ -464,8 +478,9 @@ def describe_cost(
     configuration comes from `budget` (a fixed budget or a list with one per sample; default
     `config.default_budget`). Each sample is counted as it would run alone: a batch mixing configurations
     runs the union of their layers on padded buffers, so its wall time follows the most expensive sample.
-    With `token_reduction` (the setting of the call), each sample is counted on its surviving visual tokens, the
-    selection included; that needs one image per sample (its size fixes the layout).
+    With token reduction (`token_reduction`, the setting of the call; None: `config.token_reduction`, as the model
+    does), each sample is counted on its surviving visual tokens, the selection included; that needs one image
+    per sample (its size fixes the layout). `token_reduction="none"` counts without reduction.
     """
     config = as_visor_config(getattr(model_or_config, "config", model_or_config))
     input_ids = inputs["input_ids"]
@@ -480,6 +495,9 @@ def describe_cost(
     if self_attn_layers is not None and len(self_attn_layers) != batch:
         raise ValueError(f"self_attn_layers has {len(self_attn_layers)} entries for a batch of {batch} samples")
 
+    if token_reduction is None:  # as the model's forward: None means the config's default
+        token_reduction = config.token_reduction
+    token_reduction = validate_token_reduction(token_reduction)
     crops = _crops_per_sample(config, inputs, [bool(is_visual[b].any()) for b in range(batch)])
     samples = []
     for b in range(batch):
@@ -489,7 +507,8 @@ def describe_cost(
         if token_reduction is not None and num_visual:
             per_sample = inputs.get("batch_num_images")
             if per_sample is not None and int(per_sample[b]) != 1:
-                raise ValueError("describe_cost(token_reduction=...) counts samples with one image each")
+                raise ValueError(f"describe_cost with token reduction counts samples with one image each; sample {b} "
+                                 f"has {int(per_sample[b])}")
             first = int(sum(per_sample[:b])) if per_sample is not None else sum(bool(is_visual[i].any()) for i in range(b))
             image_size = [int(x) for x in inputs["image_sizes"][first]]
         flops = count_flops(
@@ -497,7 +516,8 @@ def describe_cost(
             lm_head=lm_head, router=budgets[b] == "auto", token_reduction=token_reduction if num_visual else None,
             image_size=image_size,
         )
-        samples.append(SampleCost(flops["self_attn_layers"], num_visual, num_text, crops[b], flops["visor"], flops["dense"]))
+        kept = flops["num_vision_tokens_kept"] if token_reduction is not None else None
+        samples.append(SampleCost(flops["self_attn_layers"], num_visual, num_text, crops[b], flops["visor"], flops["dense"], kept))
     return CostReport(samples)
 
 

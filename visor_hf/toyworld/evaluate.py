@@ -6,7 +6,8 @@ answer of the toy world is one token, so this is exactly greedy decoding's exact
 
 FLOPs are `visor_hf.flops.describe_cost`'s: the language model's prefill of each question as it runs alone,
 for the configuration the model actually ran (for `budget="auto"`, the router's pick, router MLP included),
-divided by dense LLaVA-OneVision's on the same tokens. The vision encoder is the same for both and left out.
+divided by dense LLaVA-OneVision's on the same tokens (without token reduction). The vision encoder is the
+same for both and left out, and so is a token reduction's selection (`token_selection` in `visor_hf.flops`).
 
 Usage:
     rows = evaluate(model, processor, load_split("toy/data", "test"), "toy/data", budget="auto")
@@ -20,6 +21,7 @@ from collections import Counter, defaultdict
 import torch
 
 from ..baselines import TokenReducedLlavaOnevision
+from ..configuration_visor import validate_token_reduction
 from ..flops import count_flops, describe_cost
 from ..training.data import VisorDataCollator
 
@@ -35,7 +37,11 @@ def evaluate(model, processor, records, image_folder: str, budget=None, batch_si
     config = model.llava.config if reduced_dense else model.config
     is_visor = hasattr(config, "self_attn_layers")
     if reduced_dense:
+        if token_reduction is not None and validate_token_reduction(token_reduction) != model.setting:
+            raise ValueError(f"token_reduction={token_reduction!r} differs from the wrapper's {model.setting!r}; pass None")
         batch_size, token_reduction = 1, model.setting
+    elif not is_visor and token_reduction is not None:
+        raise ValueError("token_reduction on a dense model: wrap it in visor_hf.baselines.TokenReducedLlavaOnevision")
     collator = VisorDataCollator(processor, image_folder)
     tokenizer = processor.tokenizer
     (model.llava if reduced_dense else model).eval()
@@ -71,6 +77,7 @@ def evaluate(model, processor, records, image_folder: str, budget=None, batch_si
                 row["self_attn_layers"] = list(out.self_attn_layers[b]) if is_visor else list(range(config.text_config.num_hidden_layers))
                 row["visor_llm_flops"] = (sample.visor if is_visor else sample.dense)["llm"]
                 row["num_vision_tokens"], row["num_text_tokens"] = sample.num_vision_tokens, sample.num_text_tokens
+                row["num_vision_tokens_kept"] = sample.num_vision_tokens_kept or sample.num_vision_tokens
                 # relative to dense LLaVA-OneVision on the whole prompt (no reduction)
                 row["dense_llm_flops"] = count_flops(config, sample.num_vision_tokens, sample.num_text_tokens, "full",
                                                      num_crops=sample.num_crops)["dense"]["llm"]
@@ -95,5 +102,7 @@ def summarise(rows: list[dict]) -> dict:
             entry["mean_self_attn_layers"] = sum(len(r["self_attn_layers"]) for r in members) / len(members)
         else:
             entry["relative_flops"] = 1.0
+        if "num_vision_tokens_kept" in members[0]:
+            entry["visual_tokens_kept"] = sum(r["num_vision_tokens_kept"] for r in members) / sum(r["num_vision_tokens"] for r in members)
         summary[name] = entry
     return summary

@@ -244,38 +244,47 @@ def stage_evaluate(run: Run) -> None:
     run.record("evaluate", time.time() - start)
 
 
-def evaluate_token_reduction(run: Run, model, processor, results: dict, test, folder: str) -> dict:
+def evaluate_token_reduction(run: Run, model, processor, results: dict, test, folder: str) -> list[dict]:
     """Issue 8's rows: training-free pruning (VisionZip-, VisPruner-style) on VISOR (full budget and "auto") and on
     the dense model, at the preset's keep ratio, plus dense + VisionZip at the keep ratio that costs what VISOR
-    "auto" costs on average (matched FLOPs). The toy vision tower has one layer: its attention scores the tokens."""
+    "auto" costs on average (matched FLOPs). The toy vision tower has one layer: its attention scores the tokens.
+    One entry per row: name, base ("dense", "VISOR full", "VISOR auto"), method, keep_ratio, matched (None, or
+    whether dense + pruning reached VISOR auto's FLOPs: newline tokens are always kept) and the summary."""
     from ..baselines import TokenReducedLlavaOnevision
-    from ..flops import keep_ratio_for_flops
+    from ..flops import count_flops, keep_ratio_for_flops
     from .dense import load_dense
     from .evaluate import evaluate, summarise
     from .world import CANVAS
 
-    ratio, reduction = run.preset.reduction_keep_ratio, {}
+    ratio = run.preset.reduction_keep_ratio
     dense, dense_processor = load_dense(run.path("dense"))
-    full = max((tuple(c) for c in model.config.configurations), key=len)
-    # matched FLOPs: every toy image has one size; prompts differ by a word or two, so the first question's text
-    # length stands for all
+    full = tuple(model.config.configurations[-1])  # the largest configuration, as `report.fixed_budgets` orders them
+    # matched FLOPs: every toy image has one size and prompts differ by a word or two, so the first question stands
+    # for all (its text tokens less VISOR's routing token, which the dense prompt lacks)
     first = results["rows"]["auto"][0]
     target = results["budgets"]["auto"]["all"]["relative_flops"] * first["dense_llm_flops"]
-    matched = keep_ratio_for_flops(dense.config, (CANVAS, CANVAS), first["num_text_tokens"], "visionzip", target, score_layer=0)
+    num_text = first["num_text_tokens"] - 1
+    matched = keep_ratio_for_flops(dense.config, (CANVAS, CANVAS), num_text, "visionzip", target, score_layer=0)
+    reached_flops = count_flops(dense.config, first["num_vision_tokens"], num_text, "full", image_size=(CANVAS, CANVAS),
+                                token_reduction={"method": "visionzip", "keep_ratio": matched})["dense"]["llm"]
     runs = []
     for method in ("visionzip", "vispruner"):
         setting = {"method": method, "keep_ratio": ratio, "score_layer": 0}
-        runs += [(f"VISOR full + {method} @ {ratio:g}", model, processor, full, setting),
-                 (f"VISOR auto + {method} @ {ratio:g}", model, processor, "auto", setting),
-                 (f"dense + {method} @ {ratio:g}", TokenReducedLlavaOnevision(dense, setting), dense_processor, None, None)]
+        runs += [("VISOR full", method, ratio, None, model, processor, full, setting),
+                 ("VISOR auto", method, ratio, None, model, processor, "auto", setting),
+                 ("dense", method, ratio, None, TokenReducedLlavaOnevision(dense, setting), dense_processor, None, None)]
     setting = {"method": "visionzip", "keep_ratio": matched, "score_layer": 0}
-    runs.append((f"dense + visionzip @ {matched:.3g} (FLOPs of VISOR auto)", TokenReducedLlavaOnevision(dense, setting),
-                 dense_processor, None, None))
-    for name, evaluated, evaluated_processor, budget, setting in runs:
+    runs.append(("dense", "visionzip", matched, abs(reached_flops - target) <= 0.02 * target,
+                 TokenReducedLlavaOnevision(dense, setting), dense_processor, None, None))
+    entries = []
+    for base, method, keep_ratio, reached, evaluated, evaluated_processor, budget, setting in runs:
+        name = f"{base} + {method} @ {keep_ratio:.3g}" + ("" if reached is None else " (matched to VISOR auto)")
         rows = evaluate(evaluated, evaluated_processor, test, folder, budget=budget, token_reduction=setting)
-        reduction[name], results["rows"][name] = summarise(rows), rows
-        print(f"[toyworld] evaluate {name}: accuracy {reduction[name]['all']['accuracy']:.3f}", flush=True)
-    return reduction
+        entries.append({"name": name, "base": base, "method": method, "keep_ratio": keep_ratio, "matched": reached,
+                        "summary": summarise(rows)})
+        results["rows"][name] = rows
+        print(f"[toyworld] evaluate {name}: accuracy {entries[-1]['summary']['all']['accuracy']:.3f}", flush=True)
+    return entries
 
 
 def machine_description() -> dict:

@@ -145,18 +145,18 @@ def reduction_table(results: dict) -> str:
     unpruned, per question kind (the paper: pruning hurts fine-grained questions most)."""
     names = fixed_budgets(results)
     plain = {"dense": results["dense"], "VISOR full": results["budgets"][names[-1]], "VISOR auto": results["budgets"]["auto"]}
-    lines = ["| model | visual tokens kept | coarse acc. % (change) | fine acc. % (change) | all % | LLM prefill FLOPs vs dense |",
+    lines = ["| model | keep ratio (visual tokens kept) | coarse acc. % (change) | fine acc. % (change) | all % "
+             "| LLM prefill FLOPs vs dense |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in plain.items():
-        lines.append(f"| {name} | all | {_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | "
+        lines.append(f"| {name} | 1 (100 %) | {_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | "
                      f"{_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
-    for name, s in results["reduction"].items():
-        model, rest = name.split(" + ", 1)
-        method, kept = rest.split(" @ ")[0], rest.split(" @ ")[1].split(" ")[0]
-        base = plain[model]
+    for entry in results["reduction"]:
+        s, base = entry["summary"], plain[entry["base"]]
         change = lambda kind: f"{_pct(s[kind]['accuracy'])} ({100 * (s[kind]['accuracy'] - base[kind]['accuracy']):+.1f})"
-        note = " (FLOPs of VISOR auto)" if "FLOPs of" in name else ""
-        lines.append(f"| {model} + {method}{note} | {kept} | {change('coarse')} | {change('fine')} | "
+        note = {None: "", True: " (matched to VISOR auto's FLOPs)", False: " (closest to VISOR auto's FLOPs)"}[entry["matched"]]
+        lines.append(f"| {entry['base']} + {entry['method']}{note} | {entry['keep_ratio']:.3g} "
+                     f"({_pct(s['all']['visual_tokens_kept'])} %) | {change('coarse')} | {change('fine')} | "
                      f"{_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
     return "\n".join(lines)
 
