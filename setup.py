@@ -7,8 +7,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["visor_hf", "visor_hf.*"]),
+    # the toy-world checkpoint the demo runs by default, and its results
+    package_data={"visor_hf.toyworld": ["checkpoint/*", "results/*"]},
     entry_points={
-        "console_scripts": ["visor-convert=visor_hf.convert_llava_ov:main", "visor-train=visor_hf.train:main"]
+        "console_scripts": ["visor-convert=visor_hf.convert_llava_ov:main", "visor-train=visor_hf.train:main",
+                            "visor-demo=visor_hf.demo:main"]
     },
     python_requires=">=3.10",
     # torch is not pinned here: install it first (see README), or pip pulls a multi-GB CUDA build.

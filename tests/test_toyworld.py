@@ -135,7 +135,7 @@ def test_demo_runs_on_a_pipeline_checkpoint(pipeline):
     _, root = pipeline
     out = run_demo("--model", str(root / "checkpoint"), "--budget", "0")
     assert out.count("configuration: self-attention layers [] (0 of 2), fixed by --budget 0") == 2
-    assert "Q: what is the number below the large shape?" in out
+    assert "Q: how many small shapes are left of the large shape?" in out
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(DEFAULT_MODEL, "config.json")), reason="no kept checkpoint yet")

@@ -42,7 +42,7 @@ def default_questions():
 
     scene = demo_scene()
     rng = random.Random("visor-toyworld/demo/questions")
-    return render(scene), [ask(scene, "colour_large", rng), ask(scene, "number_large", rng)]
+    return render(scene), [ask(scene, "colour_large", rng), ask(scene, "count_left", rng)]
 
 
 def load(model_id: str):

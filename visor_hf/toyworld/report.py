@@ -59,6 +59,12 @@ def claims(results: dict) -> list[dict]:
     ratio = auto["all"]["accuracy"] / max(1e-9, full["all"]["accuracy"])
     flops = auto["all"]["relative_flops"] / full["all"]["relative_flops"]
     layers_fine, layers_coarse = auto["fine"]["mean_self_attn_layers"], auto["coarse"]["mean_self_attn_layers"]
+    kind = {r["family"]: r["kind"] for r in results.get("rows", {}).get("dense", [])}
+    fine_families = [f for f in groups(results) if kind.get(f) == "fine"]
+    per_family_gain = "; ".join(
+        f"{f}: {_pct(zero[f]['accuracy'])} % -> {_pct(full[f]['accuracy'])} % (dense {_pct(dense[f]['accuracy'])} %)"
+        for f in fine_families)
+    per_family_layers = ", ".join(f"{f} {auto[f]['mean_self_attn_layers']:.2f}" for f in groups(results)[2:] if f in auto)
     return [
         {"claim": "(a) 0 self-attention layers close to dense on coarse questions",
          "holds": a_gap >= -COARSE_THRESHOLD,
@@ -70,13 +76,14 @@ def claims(results: dict) -> list[dict]:
          "evidence": f"fine accuracy {_pct(zero['fine']['accuracy'])} % at budget 0 -> "
                      + " -> ".join(f"{_pct(budgets[n]['fine']['accuracy'])} %" for n in names[1:])
                      + f" (full; {100 * b_gain:+.1f} points, criterion >= +{100 * FINE_GAIN:.0f}); dense "
-                     f"{_pct(dense['fine']['accuracy'])} %"},
+                     f"{_pct(dense['fine']['accuracy'])} %" + (f". Per fine family, budget 0 -> full: {per_family_gain}"
+                                                              if per_family_gain else "")},
         {"claim": "(c) budget=\"auto\": >= 99 % of full accuracy at clearly fewer FLOPs, more layers for fine questions",
          "holds": ratio >= AUTO_ACCURACY and flops <= AUTO_FLOPS and layers_fine > layers_coarse,
          "evidence": f"accuracy {_pct(auto['all']['accuracy'])} % vs {_pct(full['all']['accuracy'])} % full "
                      f"({100 * ratio:.1f} %); LLM FLOPs {auto['all']['relative_flops']:.2f}x vs {full['all']['relative_flops']:.2f}x "
                      f"dense ({100 * flops:.0f} % of full's); self-attention layers per question {layers_fine:.2f} fine vs "
-                     f"{layers_coarse:.2f} coarse"},
+                     f"{layers_coarse:.2f} coarse" + (f" (per family: {per_family_layers})" if per_family_layers else "")},
     ]
 
 

@@ -1,0 +1,308 @@
+"""Configuration of VISOR (VISion On Request) models built on LLaVA-OneVision.
+
+`VisorConfig` holds LLaVA-OneVision's fields unchanged (a SigLIP `vision_config`, a Qwen2 `text_config`,
+the projector and anyres settings) plus where VISOR's layers sit:
+
+- `cross_attn_layers`: after these language-model layers the text reads the visual tokens through a
+  gated cross-attention (always executed).
+- `self_attn_layers`: the language-model layers that may also run on the visual tokens (standard
+  self-attention over `[V; T]`). Which of them run is chosen per sample among `configurations`.
+- `configurations`: the viable subsets of `self_attn_layers`, cheapest first.
+
+All validation and derived values live in `_validate` and `default_layers`; nothing else checks
+indices. This file is shipped to the Hub next to the weights and imports only transformers.
+
+Usage:
+    config = VisorConfig.from_llava_onevision_config(llava_config)   # 8 + 8 layers on a 24-layer LLM
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto import CONFIG_MAPPING
+
+try:  # transformers >= 5
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 4.57
+    SubConfigSpec = None
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_visor.VisorConfig",
+    "AutoModel": "modeling_visor.VisorModel",
+    "AutoModelForImageTextToText": "modeling_visor.VisorForConditionalGeneration",
+    "AutoModelForVision2Seq": "modeling_visor.VisorForConditionalGeneration",
+    "AutoProcessor": "processing_visor.VisorProcessor",
+}
+
+BUDGET_HELP = (
+    "'auto' (router), 'full' (all self-attention layers), an int k (the configuration with k "
+    "self-attention layers), a tuple of layer indices (one of config.configurations), or a list with "
+    "one of these per sample"
+)
+
+
+def spread_layers(count: int, num_layers: int, last: bool) -> list[int]:
+    """`count` layer indices spread uniformly over `num_layers`: centred in their slot, or at its end if `last`.
+
+    With 24 layers and 8 indices: 1, 4, ..., 22 (centred) and 2, 5, ..., 23 (last).
+    """
+    step = num_layers / count if count else 0
+    if last:
+        return sorted({int((i + 1) * step) - 1 for i in range(count)})
+    return sorted({int((i + 0.5) * step) for i in range(count)})
+
+
+TOKEN_REDUCTION_METHODS = ("pack", "visionzip", "vispruner")
+TOKEN_REDUCTION_DEFAULTS = {
+    "pack": {},
+    # VisionZip keeps dominant : contextual tokens at 54 : 10; scores from SigLIP's penultimate layer.
+    "visionzip": {"dominant_fraction": 54 / 64, "score_layer": -2},
+    # VisPruner keeps important : diverse tokens at 1 : 1 by default.
+    "vispruner": {"important_fraction": 0.5, "score_layer": -2},
+}
+
+
+def validate_token_reduction(setting) -> dict | None:
+    """A token-reduction setting in its full form, or None for no reduction.
+
+    Accepted: None, "none" or False (no reduction); a dict with "method" in TOKEN_REDUCTION_METHODS and either
+    "keep_ratio" in (0, 1] or, for "pack", "pack_factor" k >= 1 (keep ratio 1/k); method-specific fields get their
+    defaults (visionzip: dominant_fraction, score_layer; vispruner: important_fraction, score_layer).
+    A keep ratio of 1 means no reduction.
+    """
+    if setting is None or setting is False or setting == "none":
+        return None
+    if not isinstance(setting, dict):
+        raise ValueError(
+            f"token_reduction={setting!r}: use None/'none' or a dict like {{'method': 'visionzip', 'keep_ratio': 0.25}}"
+        )
+    method = setting.get("method")
+    if method not in TOKEN_REDUCTION_METHODS:
+        raise ValueError(f"token_reduction method={method!r}: allowed methods are {TOKEN_REDUCTION_METHODS}")
+    full = {**TOKEN_REDUCTION_DEFAULTS[method], **setting}
+    allowed_keys = {"method", "keep_ratio", *(["pack_factor"] if method == "pack" else []), *TOKEN_REDUCTION_DEFAULTS[method]}
+    unknown = sorted(set(full) - allowed_keys)
+    if unknown:
+        raise ValueError(f"token_reduction: unknown fields {unknown} for method {method!r}; allowed: {sorted(allowed_keys)}")
+    if method == "pack":
+        factor = full.get("pack_factor")
+        if factor is None:
+            ratio = full.get("keep_ratio")
+            if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ValueError(f"token_reduction keep_ratio={ratio!r}: must be in (0, 1]")
+            factor = round(1 / ratio)
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+            raise ValueError(f"token_reduction pack_factor={factor!r}: must be an integer >= 1")
+        full["pack_factor"], full["keep_ratio"] = factor, 1 / factor
+    ratio = full.get("keep_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"token_reduction keep_ratio={ratio!r}: must be in (0, 1]")
+    for name in ("dominant_fraction", "important_fraction"):
+        if name in full and not 0 <= full[name] <= 1:
+            raise ValueError(f"token_reduction {name}={full[name]!r}: must be in [0, 1]")
+    return None if ratio == 1 else full
+
+
+def spread_subset(layers: list[int], k: int) -> tuple[int, ...]:
+    """The evenly spread subset of `k` elements of the sorted `layers`."""
+    if k == 0:
+        return ()
+    n = len(layers)
+    return tuple(layers[min(n - 1, int((j + 0.5) * n / k))] for j in range(k))
+
+
+class VisorConfig(PretrainedConfig):
+    r"""Configuration of [`VisorForConditionalGeneration`].
+
+    Args:
+        vision_config, text_config, image_token_index, projector_hidden_act, vision_feature_select_strategy,
+        vision_feature_layer, vision_aspect_ratio, image_grid_pinpoints, multimodal_projector_bias,
+        tie_word_embeddings:
+            As in `LlavaOnevisionConfig` (SigLIP vision tower, Qwen2 language model). `tie_word_embeddings`
+            is always written explicitly (Qwen2-0.5B ties its embeddings, 7B does not).
+        cross_attn_layers (`list[int]`, *optional*):
+            Language-model layers followed by a gated cross-attention from text to visual tokens.
+            Defaults to L/3 layers spread uniformly, ending at the last layer (2, 5, ..., 23 for L = 24).
+        self_attn_layers (`list[int]`, *optional*):
+            Layers that may run self-attention over visual and text tokens. Defaults to L/3 layers spread
+            uniformly (1, 4, ..., 22 for L = 24).
+        configurations (`list[list[int]]`, *optional*):
+            Viable subsets of `self_attn_layers`, ordered by cost (number of layers). Defaults to one evenly
+            spread subset for every k = 0..len(self_attn_layers).
+        cpe_kernel_size (`int`, defaults to 7):
+            Kernel of the depth-wise 1D convolution of the conditional positional encoding (odd).
+        default_budget (`str` or `int`, defaults to `"full"`):
+            Budget used when `forward`/`generate` get none. Lives here, never in `generation_config`.
+        routing_token_id (`int`, *optional*):
+            Id of the routing token the processor appends after each question (set by the converter).
+        router_hidden_size (`int`, *optional*):
+            Hidden width of the router MLP; defaults to the language model's hidden size // 4.
+        token_reduction (`dict`, *optional*):
+            Default token reduction of the visual tokens before the decoder (see `validate_token_reduction`),
+            e.g. `{"method": "pack", "pack_factor": 2}` (VISOR-TR, needs a trained packing layer) or
+            `{"method": "visionzip", "keep_ratio": 0.25}`. Overridable per call like `budget`.
+    """
+
+    model_type = "visor"
+    attribute_map = {"image_token_id": "image_token_index"}
+    # transformers 4.57 reads `sub_configs`, 5.x `sub_configs_defaults` (and derives `sub_configs` from it)
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+            "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        }
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        image_token_index: int = 151646,
+        projector_hidden_act: str = "gelu",
+        vision_feature_select_strategy: str = "full",
+        vision_feature_layer: int | list[int] = -1,
+        vision_aspect_ratio: str = "anyres_max_9",
+        image_grid_pinpoints: list | None = None,
+        multimodal_projector_bias: bool = True,
+        tie_word_embeddings: bool = False,
+        cross_attn_layers: list[int] | None = None,
+        self_attn_layers: list[int] | None = None,
+        configurations: list[list[int]] | None = None,
+        cpe_kernel_size: int = 7,
+        default_budget: str | int = "full",
+        routing_token_id: int | None = None,
+        router_hidden_size: int | None = None,
+        token_reduction: dict | None = None,
+        **kwargs,
+    ):
+        if isinstance(vision_config, dict):
+            vision_config = CONFIG_MAPPING[vision_config.get("model_type", "siglip_vision_model")](**vision_config)
+        elif vision_config is None:
+            vision_config = CONFIG_MAPPING["siglip_vision_model"](
+                hidden_size=1152, intermediate_size=4304, patch_size=14, image_size=384,
+                num_hidden_layers=26, num_attention_heads=16, vision_use_head=False,
+            )
+        if isinstance(text_config, dict):
+            text_config = CONFIG_MAPPING[text_config.get("model_type", "qwen2")](**text_config)
+        elif text_config is None:
+            text_config = CONFIG_MAPPING["qwen2"]()
+        self.vision_config = vision_config
+        self.text_config = text_config
+
+        self.image_token_index = image_token_index
+        self.projector_hidden_act = projector_hidden_act
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_aspect_ratio = vision_aspect_ratio
+        self.image_grid_pinpoints = image_grid_pinpoints if image_grid_pinpoints is not None else [
+            [384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)
+        ]
+        self.multimodal_projector_bias = multimodal_projector_bias
+
+        num_layers = text_config.num_hidden_layers
+        default_cross, default_self = self.default_layers(num_layers)
+        self.cross_attn_layers = sorted(cross_attn_layers) if cross_attn_layers is not None else default_cross
+        self.self_attn_layers = sorted(self_attn_layers) if self_attn_layers is not None else default_self
+        if configurations is None:
+            configurations = [spread_subset(self.self_attn_layers, k) for k in range(len(self.self_attn_layers) + 1)]
+        self.configurations = sorted((sorted(c) for c in configurations), key=lambda c: (len(c), c))
+        self.cpe_kernel_size = cpe_kernel_size
+        self.default_budget = default_budget
+        self.routing_token_id = routing_token_id
+        self.router_hidden_size = router_hidden_size or max(1, text_config.hidden_size // 4)
+        self.token_reduction = validate_token_reduction(token_reduction)
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self._validate()
+
+    @staticmethod
+    def default_layers(num_layers: int) -> tuple[list[int], list[int]]:
+        """The paper's upper bound |C| = |S| = L/3, spread uniformly: (cross_attn_layers, self_attn_layers)."""
+        count = max(1, num_layers // 3)
+        return spread_layers(count, num_layers, last=True), spread_layers(count, num_layers, last=False)
+
+    def resolve_budget(self, budget) -> tuple[int, ...] | None:
+        """The self-attention layers one budget runs; None for "auto" (the router decides per sample).
+
+        "full": all `self_attn_layers`; int k: the first configuration with k layers; a tuple: one of
+        `configurations` (or all `self_attn_layers`). Anything else raises `ValueError` naming the allowed values.
+        """
+        configurations = [tuple(c) for c in self.configurations]
+        if isinstance(budget, str):
+            if budget == "full":
+                return tuple(self.self_attn_layers)
+            if budget == "auto":
+                return None
+            raise ValueError(f"budget={budget!r} is not allowed: use {BUDGET_HELP}")
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            for configuration in configurations:
+                if len(configuration) == budget:
+                    return configuration
+            counts = sorted({len(c) for c in configurations})
+            raise ValueError(f"budget={budget}: no configuration has {budget} self-attention layers; allowed: {counts}")
+        if isinstance(budget, tuple):
+            layers = tuple(sorted(budget))
+            if layers in configurations or layers == tuple(self.self_attn_layers):
+                return layers
+            raise ValueError(f"budget={budget}: not one of config.configurations {configurations}")
+        raise ValueError(f"budget={budget!r} has type {type(budget).__name__}: use {BUDGET_HELP}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def router_layer(self) -> int:
+        """The router reads the routing token right before this layer: the first self-attention layer that
+        some configuration skips (layers before it run the same way whatever the configuration)."""
+        always = set(self.self_attn_layers).intersection(*map(set, self.configurations)) if self.configurations else set()
+        skippable = [layer for layer in self.self_attn_layers if layer not in always]
+        return skippable[0] if skippable else self.num_layers
+
+    def _validate(self) -> None:
+        num_layers = self.num_layers
+        for field in ("cross_attn_layers", "self_attn_layers"):
+            layers = getattr(self, field)
+            bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"{field}={layers}: indices {bad} are outside the allowed range 0..{num_layers - 1}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"{field}={layers}: duplicate layer indices")
+        allowed = set(self.self_attn_layers)
+        for configuration in self.configurations:
+            if not set(configuration) <= allowed:
+                raise ValueError(
+                    f"configurations: {configuration} is not a subset of self_attn_layers={self.self_attn_layers}"
+                )
+            if len(set(configuration)) != len(configuration):
+                raise ValueError(f"configurations: {configuration} has duplicate layer indices")
+        if len({tuple(c) for c in self.configurations}) != len(self.configurations):
+            raise ValueError(f"configurations={self.configurations}: the same configuration appears twice")
+        if not (isinstance(self.cpe_kernel_size, int) and self.cpe_kernel_size > 0 and self.cpe_kernel_size % 2 == 1):
+            raise ValueError(f"cpe_kernel_size={self.cpe_kernel_size}: must be a positive odd integer")
+        if self.default_budget == "auto" and self.routing_token_id is None:
+            raise ValueError("default_budget='auto' needs routing_token_id (a converted model with a router)")
+
+    @classmethod
+    def from_llava_onevision_config(cls, llava_config, **overrides) -> "VisorConfig":
+        """A VisorConfig with the fields of a `LlavaOnevisionConfig` and VISOR's settings from `overrides`."""
+        fields = dict(
+            vision_config=llava_config.vision_config.to_dict(),
+            text_config=llava_config.text_config.to_dict(),
+            image_token_index=llava_config.image_token_id,
+            projector_hidden_act=llava_config.projector_hidden_act,
+            vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
+            vision_feature_layer=llava_config.vision_feature_layer,
+            vision_aspect_ratio=llava_config.vision_aspect_ratio,
+            image_grid_pinpoints=llava_config.image_grid_pinpoints,
+            multimodal_projector_bias=getattr(llava_config, "multimodal_projector_bias", True),
+            tie_word_embeddings=bool(
+                getattr(llava_config, "tie_word_embeddings", False)
+                or getattr(llava_config.text_config, "tie_word_embeddings", False)
+            ),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+__all__ = ["VisorConfig"]

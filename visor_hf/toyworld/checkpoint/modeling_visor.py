@@ -1,0 +1,1106 @@
+"""VISOR (VISion On Request, Bulat et al., CVPR 2026) on top of LLaVA-OneVision.
+
+The vision tower, projector, anyres packing and every language-model layer are LLaVA-OneVision's own
+(`VisorModel` subclasses transformers' `LlavaOnevisionModel`, so the checkpoint keys are unchanged).
+What VISOR changes is which tokens each language-model layer sees:
+
+    V = visual tokens (never pruned), T = text tokens, in the dense sequence's order and RoPE positions
+    for layer l:
+        if l in the sample's self-attention configuration S:  [V; T] = Layer_l([V; T])   (dense order)
+        else:                                                  T      = Layer_l(T)        (text only)
+        if l in config.cross_attn_layers:                      T      = T + tanh(g_l) * XAttn_l(T, CPE_l(V))
+
+Design choices:
+- Text buffer and visual buffer. The prompt is split once into a left-padded text buffer (B, Nt) and a
+  right-padded visual buffer (B, Nv), both in the dense order. Self-attention layers scatter them back
+  into the dense layout; text-only layers never touch visual tokens.
+- Masks are boolean, True = may attend. A row with no allowed key (padding, text before the first image
+  in cross-attention) returns zeros instead of NaN.
+- Batches mixing configurations run the union of their layers; a sample that did not choose a layer has
+  its visual keys masked out there and its visual tokens left unchanged, so it gets exactly what it gets
+  alone.
+- One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and
+  values, self-attention layers cache visual + text, and the cross-attention keys/values of the visual
+  tokens are computed once at prefill and kept in its `prompt` state. Decoding never touches visual tokens
+  outside S and C.
+- New parts start as identity (zero gates, zero CPE convolution), so a freshly grafted model at the full
+  budget with all layers in S is LLaVA-OneVision exactly.
+
+Usage:
+    model = VisorForConditionalGeneration.from_llava_onevision(llava_model)
+    out = model.generate(**inputs, budget=2, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+import transformers
+from torch import nn
+from transformers import DynamicCache, GenerationMixin
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionModel,
+    LlavaOnevisionPreTrainedModel,
+    image_size_to_num_patches,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+from transformers.utils import ModelOutput
+
+from .configuration_visor import BUDGET_HELP, VisorConfig, validate_token_reduction
+
+TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+CACHE_FIELD = "cache" if TRANSFORMERS_V5 else "past_key_values"  # where generate() looks for the cache
+
+try:  # transformers >= 5 initialises through wrappers that respect already-loaded weights
+    from transformers import initialization as _init
+except ImportError:  # transformers 4.57
+    _init = nn.init
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+def attend(query, key, value, allowed, implementation: str, scaling: float) -> torch.Tensor:
+    """Grouped-query attention with a boolean mask.
+
+    query (B, h, Q, d); key/value (B, kvh, K, d); allowed (B, 1, Q, K), True = may attend, or None for a
+    plain causal mask over Q == K tokens (no padding), which lets SDPA pick its fastest kernel.
+    Returns (B, Q, h, d). Rows with no allowed key return zeros.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if allowed is None:
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(f"a plain causal mask needs as many queries as keys, got {query.shape[2]} and {key.shape[2]}")
+        if implementation != "eager":
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+            return out.transpose(1, 2)
+        allowed = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+    has_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, Q, 1)
+    allowed = allowed | ~has_key  # a fully masked row would give NaN; it is zeroed below
+    if implementation == "eager":
+        key = key.repeat_interleave(groups, dim=1)  # (B, h, K, d)
+        value = value.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(probs, value)
+    else:  # "sdpa"; flash-attention checkpoints fall back to it (masks here are not plain causal)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=groups > 1)
+    out = out * has_key.to(out.dtype)
+    return out.transpose(1, 2)
+
+
+def causal_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """(B, K) key validity -> (B, 1, Q, K) mask where the Q queries are the last Q keys, causally."""
+    num_keys = key_valid.shape[1]
+    q = torch.arange(num_queries, device=key_valid.device)[:, None] + (num_keys - num_queries)
+    k = torch.arange(num_keys, device=key_valid.device)[None, :]
+    return (k <= q)[None, None] & key_valid[:, None, None, :]
+
+
+def decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx: int, implementation: str):
+    """Run a transformers Qwen2 decoder layer with our mask and cache (its weights, our attention call).
+
+    hidden (B, Q, H); cos/sin (B, Q, d); allowed (B, 1, Q, K) over the layer's cached keys + these, or None
+    for a plain causal mask over the Q tokens (prefill without padding).
+    """
+    attn = layer.self_attn
+    device = attn.q_proj.weight.device  # with device_map="auto" consecutive layers may sit on different GPUs
+    hidden, cos, sin = hidden.to(device), cos.to(device), sin.to(device)
+    allowed = allowed.to(device) if allowed is not None else None
+    batch, length, _ = hidden.shape
+    residual = hidden
+    hidden = layer.input_layernorm(hidden)
+    head_shape = (batch, length, -1, attn.head_dim)
+    query = attn.q_proj(hidden).view(head_shape).transpose(1, 2)  # (B, h, Q, d)
+    key = attn.k_proj(hidden).view(head_shape).transpose(1, 2)  # (B, kvh, Q, d)
+    value = attn.v_proj(hidden).view(head_shape).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, layer_idx)
+    out = attend(query, key, value, allowed, implementation, attn.scaling)  # (B, Q, h, d)
+    hidden = residual + attn.o_proj(out.reshape(batch, length, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+# --------------------------------------------------------------------------------------------------
+# VISOR's new modules
+# --------------------------------------------------------------------------------------------------
+
+
+class VisorCPE(nn.Module):
+    """Conditional positional encoding `x + DWConv1d(x)` run over each image's own token sequence.
+
+    The depth-wise convolution (kernel k, padding k // 2) never mixes tokens of two images, two samples or
+    padding: a neighbour counts only if it carries the same image id. Starts as identity (zero weights).
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int):
+        super().__init__()
+        # The weights of nn.Conv1d(H, H, k, padding=k // 2, groups=H), held directly so that no generic
+        # initialisation of convolutions touches them.
+        self.weight = nn.Parameter(torch.zeros(hidden_size, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """x (B, N, H); image_ids (B, N), -1 for padding. Returns (B, N, H) (padding rows unspecified)."""
+        half = self.weight.shape[-1] // 2
+        valid = image_ids >= 0
+        source = x if bool(valid.all()) else x * valid.unsqueeze(-1).to(x.dtype)  # padding contributes zeros
+        # Images that share a row are pulled apart by `half` zero tokens, so that one convolution over the row
+        # never reaches from one image into the next. Rows of one image need no gaps.
+        starts = valid & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])
+        rank = (torch.cumsum(starts.long(), dim=1) - 1).clamp(min=0)  # (B, N): which image of the row
+        gaps = int(rank.max()) if rank.numel() else 0
+        if gaps:
+            position = (torch.arange(x.shape[1], device=x.device) + half * rank).unsqueeze(-1).expand_as(x)
+            source = x.new_zeros(x.shape[0], x.shape[1] + half * gaps, x.shape[2]).scatter(1, position, source)
+        # The depth-wise conv1d, run as a conv2d over a (B, H, 1, N) view of the (B, N, H) tokens. That view is
+        # channels-last, which the CPU conv2d kernel takes as it is (about 10x faster at N = 2,916, H = 896 than
+        # F.conv1d, which copies to channels-first); the arithmetic is the same.
+        conv = F.conv2d(
+            source.transpose(1, 2).unsqueeze(2), self.weight.to(x.dtype).unsqueeze(2), self.bias.to(x.dtype),
+            padding=(0, half), groups=x.shape[-1],
+        ).squeeze(2).transpose(1, 2)
+        if gaps:
+            conv = conv.gather(1, position)
+        return x + conv
+
+
+class VisorCrossAttention(nn.Module):
+    """Gated cross-attention: text queries read visual keys/values. Grouped-query heads, no rotary.
+
+    `visual_key_values` runs once per prompt; `forward` is called at every step with the cached keys.
+    """
+
+    def __init__(self, text_config, cpe_kernel_size: int):
+        super().__init__()
+        hidden = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.num_key_value_heads = text_config.num_key_value_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or hidden // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.cpe = VisorCPE(hidden, cpe_kernel_size)
+        self.visual_norm = Qwen2RMSNorm(hidden, eps=text_config.rms_norm_eps)
+        self.text_norm = Qwen2RMSNorm(hidden, eps=text_config.rms_norm_eps)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def visual_key_values(self, visual: torch.Tensor, image_ids: torch.Tensor):
+        """visual (B, Nv, H) -> keys, values (B, kvh, Nv, d) of CPE(V)."""
+        visual, image_ids = visual.to(self.q_proj.weight.device), image_ids.to(self.q_proj.weight.device)
+        batch, length, _ = visual.shape
+        visual = self.visual_norm(self.cpe(visual, image_ids))
+        shape = (batch, length, self.num_key_value_heads, self.head_dim)
+        return self.k_proj(visual).view(shape).transpose(1, 2), self.v_proj(visual).view(shape).transpose(1, 2)
+
+    def forward(self, text, key, value, allowed, implementation: str) -> torch.Tensor:
+        """text (B, Q, H); key/value (B, kvh, Nv, d); allowed (B, 1, Q, Nv). Returns the updated text."""
+        device = self.q_proj.weight.device
+        text, key, value, allowed = text.to(device), key.to(device), value.to(device), allowed.to(device)
+        batch, length, _ = text.shape
+        query = self.q_proj(self.text_norm(text)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        out = attend(query, key, value, allowed, implementation, self.scaling).reshape(batch, length, -1)
+        return text + torch.tanh(self.gate).to(text.dtype) * self.o_proj(out)
+
+
+class VisorRouter(nn.Module):
+    """MLP that reads the routing token's hidden state and scores `config.configurations`."""
+
+    def __init__(self, hidden_size: int, router_hidden_size: int, num_configurations: int, eps: float):
+        super().__init__()
+        self.norm = Qwen2RMSNorm(hidden_size, eps=eps)
+        self.fc1 = nn.Linear(hidden_size, router_hidden_size)
+        self.fc2 = nn.Linear(router_hidden_size, num_configurations)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(hidden))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Token reduction (VISOR-TR packing and training-free pruning). The paper's supplement that describes
+# VISOR-TR is not available: this is our design. Reduction runs per image on the projector's output,
+# keeps image_newline tokens, and keeps every surviving token at its original position.
+# --------------------------------------------------------------------------------------------------
+
+
+class VisorTokenPacker(nn.Module):
+    """VISOR-TR: concatenate k consecutive visual tokens along channels and project back to the model width.
+
+    Starts as the mean of each group (weight = [I/k ... I/k]); trained with the stage1/universal commands.
+    """
+
+    def __init__(self, hidden_size: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        # nn.Linear(k * H, H, bias=False)'s weight, held directly so that no generic initialisation touches it
+        self.weight = nn.Parameter(torch.eye(hidden_size).repeat(1, factor) / factor)
+
+    def reset_to_mean(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.weight.shape[0]).repeat(1, self.factor) / self.factor)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (N, H) of one row -> packed (ceil(N / k), H) and the position (index) of each group's first token.
+        The last group is padded by repeating the row's last token."""
+        length = tokens.shape[0]
+        groups = -(-length // self.factor)
+        padded = torch.cat([tokens, tokens[-1:].expand(groups * self.factor - length, -1)])
+        packed = F.linear(padded.reshape(groups, -1).to(self.weight.dtype), self.weight).to(tokens.dtype)
+        return packed, torch.arange(groups, device=tokens.device) * self.factor
+
+
+def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def select_visionzip(features, scores, keep: int, dominant_fraction: float):
+    """VisionZip on one segment: the `dominant` tokens that receive most attention, plus contextual tokens made by
+    merging every other token into the most similar of evenly spaced targets (mean of each target's group).
+    Similarity is the cosine of the projected features. Returns (features (keep, H), positions (keep,)), sorted."""
+    length = features.shape[0]
+    dominant_count = keep if keep < 2 else max(1, round(keep * dominant_fraction))
+    context_count = keep - dominant_count
+    dominant = torch.topk(scores, dominant_count).indices
+    rest = torch.ones(length, dtype=torch.bool, device=features.device)
+    rest[dominant] = False
+    rest = torch.nonzero(rest).flatten()
+    kept_features, positions = [features[dominant]], [dominant]
+    if context_count > 0 and rest.numel() > 0:
+        stride = max(1, rest.numel() // context_count)
+        targets = rest[::stride][:context_count]
+        assignment = cosine_similarity_matrix(features[rest], features[targets]).argmax(-1)  # (R,)
+        sums = torch.zeros(len(targets), features.shape[1], dtype=torch.float32, device=features.device)
+        sums.index_add_(0, assignment, features[rest].float())
+        counts = torch.bincount(assignment, minlength=len(targets)).clamp(min=1).unsqueeze(-1)
+        kept_features.append((sums / counts).to(features.dtype))
+        positions.append(targets)
+    return sort_by_position(torch.cat(kept_features), torch.cat(positions))
+
+
+def select_vispruner(features, scores, keep: int, important_fraction: float):
+    """VisPruner on one segment: the important tokens (most attention received), plus diverse tokens chosen from the
+    rest by repeatedly dropping the most duplicated ones (ToMe-style alternate split, at most 8 a step)."""
+    important_count = min(keep, int(keep * important_fraction))
+    order = torch.argsort(scores, descending=True)
+    important, rest = order[:important_count], order[important_count:]
+    diverse_count = keep - important_count
+    while rest.numel() > diverse_count:
+        a, b = rest[::2], rest[1::2]
+        if b.numel() == 0:
+            rest = rest[:diverse_count]
+            break
+        duplication = cosine_similarity_matrix(features[a], features[b]).max(-1).values
+        drop = min(8, rest.numel() - diverse_count, a.numel())
+        dropped = a[torch.topk(duplication, drop).indices]
+        rest = rest[~torch.isin(rest, dropped)]
+    positions = torch.cat([important, rest])
+    return sort_by_position(features[positions], positions)
+
+
+def sort_by_position(features, positions):
+    order = torch.argsort(positions)
+    return features[order], positions[order]
+
+
+def compact_kept_tokens(is_visual: torch.Tensor, kept: list[torch.Tensor]):
+    """Shorten a batch of prompts to the tokens that survive reduction (all text, the kept visual tokens).
+
+    is_visual (B, S); kept: per image, in placeholder order, a bool mask over its tokens. Returns the index of each
+    surviving token in the original layout (B, S') and which of the S' slots hold one. Shorter prompts start with
+    empty slots, like left padding, so that the last slot is the last token of every prompt.
+    """
+    keep = (~is_visual).masked_scatter(is_visual, torch.cat(kept).to(is_visual.device))
+    length = int(keep.sum(1).max())
+    restore_index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - length :]
+    return restore_index, keep.gather(1, restore_index)
+
+
+def reduction_segments(is_newline: torch.Tensor, base_length: int, method: str) -> list[torch.Tensor]:
+    """The token positions reduced together (newlines excluded; empty segments dropped): pruning selects within the
+    base tile and within the high-resolution grid; packing groups tokens within a row (the base tile is one row)."""
+    positions = torch.arange(is_newline.shape[0], device=is_newline.device)
+    grid = (positions >= base_length) & ~is_newline
+    segments = [positions[:base_length][~is_newline[:base_length]]]
+    if method == "pack":
+        row_ids = torch.cumsum(is_newline.long(), 0) - is_newline.long()  # rows end at their newline
+        segments += [positions[grid & (row_ids == row)] for row in torch.unique(row_ids[grid]).tolist()]
+    else:
+        segments.append(positions[grid])
+    return [segment for segment in segments if segment.numel() > 0]
+
+
+def reduce_image_tokens(features, is_newline, scores, base_length: int, setting: dict, packer=None):
+    """Reduce one image's visual tokens. features (N, H); is_newline (N,); scores (N,) or None (packing).
+
+    Segments: the base tile (first `base_length` tokens) and the high-resolution grid after it. Pruning keeps
+    ceil(n * keep_ratio) tokens of each segment; packing packs each row of the grid (the base tile counts as one
+    row) in groups of k. Newline tokens are always kept. Returns (features (M, H), positions (M,)) in order.
+    """
+    positions = torch.arange(features.shape[0], device=features.device)
+    kept_features, kept_positions = [features[is_newline]], [positions[is_newline]]
+    for segment in reduction_segments(is_newline, base_length, setting["method"]):
+        if setting["method"] == "pack":
+            packed, offsets = packer(features[segment])
+            kept_features.append(packed)
+            kept_positions.append(segment[offsets])
+            continue
+        keep = math.ceil(segment.numel() * setting["keep_ratio"])
+        select = select_visionzip if setting["method"] == "visionzip" else select_vispruner
+        fraction = setting["dominant_fraction"] if setting["method"] == "visionzip" else setting["important_fraction"]
+        chosen, local = select(features[segment], scores[segment], keep, fraction)
+        kept_features.append(chosen)
+        kept_positions.append(segment[local])
+    return sort_by_position(torch.cat(kept_features), torch.cat(kept_positions))
+
+
+def image_token_layout(config, image_sizes, batch_num_images=None, crop_scores=None, device="cpu"):
+    """Per image: which packed tokens are image_newline, each token's score (inf at newlines; None without
+    `crop_scores`) and the length of the base tile. Runs LLaVA-OneVision's own packing on one-channel maps, so it
+    follows anyres unpadding exactly; it needs only the config (`flops.count_flops` calls it without a model)."""
+    crop = config.vision_config.image_size
+    per_crop = (crop // config.vision_config.patch_size) ** 2
+    per_crop -= 1 if config.vision_feature_select_strategy == "default" else 0
+    image_sizes = [[int(x) for x in size] for size in image_sizes]
+    single = [n == 1 for n in batch_num_images for _ in range(n)] if batch_num_images is not None else None
+    patches = [
+        image_size_to_num_patches(size, config.image_grid_pinpoints, crop) if single is None or single[i] else 1
+        for i, size in enumerate(image_sizes)
+    ]
+    holder = SimpleNamespace(config=config)  # pack_image_features reads only self.config
+    pack = lambda maps, newline: LlavaOnevisionModel.pack_image_features(
+        holder, maps, image_sizes, image_newline=newline, vision_aspect_ratio=config.vision_aspect_ratio
+    )[0]
+    markers = pack([torch.zeros(n, per_crop, 1, device=device) for n in patches], torch.ones(1, device=device))
+    if crop_scores is None:
+        scores = [None] * len(patches)
+    else:
+        maps = [m.unsqueeze(-1) for m in torch.split(crop_scores.to(device), patches)]
+        scores = [m[:, 0] for m in pack(maps, torch.full((1,), float("inf"), device=device))]
+    return [(m[:, 0] == 1, score, per_crop) for m, score in zip(markers, scores)]
+
+
+def attention_received(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """(crops, T) mean attention each token receives in one attention layer, averaged over heads and queries, from
+    that layer's query and key projections (crops, T, C). One crop at a time: memory stays at one T x T map a head."""
+    scores = []
+    for query, key in zip(queries, keys):
+        heads = lambda x: x.view(x.shape[0], num_heads, -1).transpose(0, 1)  # (h, T, d)
+        probs = torch.softmax(heads(query) @ heads(key).transpose(1, 2) * scale, -1)
+        scores.append(probs.float().mean(dim=(0, 1)))
+    return torch.stack(scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisorPromptState:
+    """What decoding needs to know about the prompt; rows are samples."""
+
+    is_visual: torch.Tensor  # (B, S) dense layout of the prompt
+    dense_valid: torch.Tensor  # (B, S + t) keys of self-attention layers that are not padding
+    text_valid: torch.Tensor  # (B, Nt + t) keys of text-only layers that are not padding
+    active: torch.Tensor  # (B, L) the sample's configuration contains layer l
+    dense_layers: list[bool]  # layer l caches visual + text (some sample runs it on the visual tokens)
+    visual_valid: torch.Tensor  # (B, Nv)
+    cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V)
+    seq_length: int = 0  # dense length seen so far (prompt + decoded)
+
+    def index_select(self, index: torch.Tensor) -> None:
+        for name in ("is_visual", "dense_valid", "text_valid", "active", "visual_valid"):
+            setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
+        self.cross_key_values = {
+            layer: (k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
+            for layer, (k, v) in self.cross_key_values.items()
+        }
+
+
+class VisorCache(DynamicCache):
+    """A `DynamicCache` whose layers hold different token sets (see the module docstring), plus the prompt
+    state that decoding needs. `get_seq_length` counts positions of the dense sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt: VisorPromptState | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.prompt is None else self.prompt.seq_length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.prompt is not None:
+            self.prompt.index_select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.prompt is not None:
+            self.prompt.index_select(indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisorModelOutput(ModelOutput):
+    """last_hidden_state: (B, S, H) at prefill (dense layout; values at image placeholders unspecified),
+    (B, n, H) when decoding n new tokens. The cache is in `cache` on transformers 5.x and in
+    `past_key_values` on 4.57 (the field each line's `generate` reads). `self_attn_layers`: the configuration each sample ran."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    if TRANSFORMERS_V5:  # the field each line's generate() reads the cache from
+        cache: VisorCache | None = None
+    else:
+        past_key_values: VisorCache | None = None
+    self_attn_layers: list | None = None
+    router_logits: torch.FloatTensor | None = None  # (B, Nt, num_configurations) over the text buffer
+    routing_mask: torch.BoolTensor | None = None  # (B, Nt): which text-buffer slots hold a routing token
+
+
+@dataclass
+class VisorCausalLMOutput(ModelOutput):
+    """Like LLaVA-OneVision's output; logits are (B, S, vocab) at prefill, unspecified at image placeholders."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    if TRANSFORMERS_V5:
+        cache: VisorCache | None = None
+    else:
+        past_key_values: VisorCache | None = None
+    self_attn_layers: list | None = None
+    router_logits: torch.FloatTensor | None = None
+    routing_mask: torch.BoolTensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
+    config_class = VisorConfig
+    config: VisorConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "VisorCrossAttention"]
+    _checkpoint_conversion_mapping = {}
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # The new parts start as identity: a grafted model is the base model until training moves it.
+        if isinstance(module, VisorCrossAttention):
+            _init.zeros_(module.gate)
+        elif isinstance(module, VisorCPE):
+            _init.zeros_(module.weight)
+            _init.zeros_(module.bias)
+        elif isinstance(module, VisorTokenPacker) and not getattr(module.weight, "_is_hf_initialized", False):
+            module.reset_to_mean()
+
+    # ---- checkpoints readable by transformers 4.57 and 5.x -----------------------------------------
+    # 5.x holds SigLIP's weights without the `vision_model.` level and also saves them that way; 4.57 then
+    # loads a random vision tower with only a warning. 5.x loads 4.57's layout, so that is the one written.
+    # The converter (visor_hf/convert_llava_ov.py) writes the same layout with the same function.
+
+    @staticmethod
+    def checkpoint_key(key: str) -> str:
+        """The on-disk name of a state-dict key: SigLIP's weights under `vision_tower.vision_model.` (4.57's layout)."""
+        head, found, tail = key.partition("vision_tower.")
+        if found and (head == "" or head.endswith(".")) and not tail.startswith("vision_model."):
+            return f"{head}vision_tower.vision_model.{tail}"
+        return key
+
+    @staticmethod
+    def portable_text_config(config: dict) -> bool:
+        """Give a config dict's text_config the RoPE fields of both lines, in place: 5.x writes only `rope_parameters`,
+        from which 4.57 silently falls back to rope_theta=10000; 4.57's `rope_theta`/`rope_scaling` are read by 5.x
+        too. Returns whether anything was added."""
+        text_config = config.get("text_config") or {}
+        rope = text_config.get("rope_parameters")
+        if not isinstance(rope, dict) or "rope_theta" in text_config:
+            return False
+        text_config["rope_theta"] = rope.get("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            text_config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        return True
+
+    @staticmethod
+    def make_config_portable(save_directory) -> None:
+        """`portable_text_config` applied to the config.json of `save_directory`."""
+        import json
+        import os
+
+        path = os.path.join(save_directory, "config.json")
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        if VisorPreTrainedModel.portable_text_config(config):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, push_to_hub: bool = False, **kwargs):
+        """As transformers' `save_pretrained`, and the folder loads in both 4.57 and 5.x with `trust_remote_code=True`:
+        weights in 4.57's key layout (see `checkpoint_key`), RoPE fields of both lines in config.json, and the Hub
+        code files (configuration, modeling, processing) copied next to the weights.
+        With `push_to_hub=True` the folder is written, then uploaded in one commit by `push_to_hub`."""
+        import os
+        import shutil
+
+        hub_kwargs = {}
+        if push_to_hub:
+            for name in ("repo_id", "commit_message", "private", "token", "create_pr", "revision"):
+                if name in kwargs:
+                    hub_kwargs[name] = kwargs.pop(name)
+            if "token" in hub_kwargs:
+                kwargs["token"] = hub_kwargs["token"]
+        if state_dict is None:
+            state_dict = self.state_dict()
+        state_dict = {self.checkpoint_key(key): value for key, value in state_dict.items()}
+        if TRANSFORMERS_V5:  # the keys are final; 5.x would otherwise try to revert its load-time renamings
+            kwargs.setdefault("save_original_format", False)
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        self.make_config_portable(save_directory)
+        code_dir = os.path.dirname(os.path.abspath(__file__))
+        for name in ("configuration_visor.py", "modeling_visor.py", "processing_visor.py"):
+            source = os.path.join(code_dir, name)
+            target = os.path.join(save_directory, name)
+            if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(target):
+                shutil.copyfile(source, target)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, **hub_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As transformers' `from_pretrained`, but a weight the checkpoint lacks is an error, not a random init
+        (4.57 only warns, e.g. on a vision tower saved by 5.x without `vision_model.`). A tied `lm_head.weight` is
+        not missing."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        missing = sorted(set(info["missing_keys"]) - tied)
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks {len(missing)} weights of {cls.__name__} (they would be "
+                f"randomly initialised): {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
+                f"Unexpected keys in the checkpoint: {sorted(info['unexpected_keys'])[:10]}"
+            )
+        return (model, info) if output_loading_info else model
+
+
+class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
+    """LLaVA-OneVision's vision tower, projector and language model, run the VISOR way. Returns hidden states."""
+
+    def __init__(self, config: VisorConfig):
+        super().__init__(config)
+        text_config = config.text_config
+        self.cross_attn = nn.ModuleDict(
+            {str(layer): VisorCrossAttention(text_config, config.cpe_kernel_size) for layer in config.cross_attn_layers}
+        )
+        self.router = VisorRouter(
+            text_config.hidden_size, config.router_hidden_size, len(config.configurations), text_config.rms_norm_eps
+        )
+        reduction = config.token_reduction
+        self.token_packer = (
+            VisorTokenPacker(text_config.hidden_size, reduction["pack_factor"])
+            if reduction is not None and reduction["method"] == "pack" else None
+        )
+        self.post_init()
+
+    # ---- budgets -------------------------------------------------------------------------------
+
+    def resolve_budget(self, budget, batch_size: int) -> list[tuple[int, ...] | None]:
+        """One configuration (tuple of layers) per sample; None where the router decides ("auto")."""
+        if budget is None:
+            budget = self.config.default_budget
+        if isinstance(budget, list):
+            if len(budget) != batch_size:
+                raise ValueError(f"budget is a list of {len(budget)} entries for a batch of {batch_size} samples")
+            return [self._resolve_one_budget(b) for b in budget]
+        return [self._resolve_one_budget(budget)] * batch_size
+
+    def _resolve_one_budget(self, budget) -> tuple[int, ...] | None:
+        configuration = self.config.resolve_budget(budget)
+        if configuration is None and self.config.routing_token_id is None:
+            raise ValueError(
+                "budget='auto' needs a routing token and a trained router (config.routing_token_id is None); "
+                f"use a fixed budget: {BUDGET_HELP}"
+            )
+        return configuration
+
+    def _active_layers(self, configurations: list, device) -> torch.Tensor:
+        """(B, L) bool: layer l is in sample b's configuration."""
+        active = torch.zeros(len(configurations), self.config.num_layers, dtype=torch.bool)
+        for b, configuration in enumerate(configurations):
+            active[b, list(configuration)] = True
+        return active.to(device)
+
+    # ---- visual tokens -------------------------------------------------------------------------
+
+    def visual_features(self, pixel_values, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
+        """LLaVA-OneVision's features, one (N_i, H) tensor per image (anyres packing with image_newline)."""
+        out = LlavaOnevisionModel.get_image_features(
+            self,
+            pixel_values,
+            image_sizes,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            vision_aspect_ratio=self.config.vision_aspect_ratio,
+            batch_num_images=batch_num_images,
+        )
+        return list(getattr(out, "pooler_output", out))  # 5.x returns an output object, 4.57 a list
+
+    def resolve_token_reduction(self, token_reduction) -> dict | None:
+        """The setting of this call: the config's default when None; a packing setting must match the packer."""
+        setting = self.config.token_reduction if token_reduction is None else validate_token_reduction(token_reduction)
+        if setting is not None and setting["method"] == "pack":
+            trained = self.token_packer.factor if self.token_packer is not None else None
+            if trained != setting["pack_factor"]:
+                raise ValueError(
+                    f"token_reduction pack_factor={setting['pack_factor']} does not match the trained packing layer "
+                    f"(pack factor {trained}); set config.token_reduction to {{'method': 'pack', 'pack_factor': k}} "
+                    "and train the packing layer first"
+                )
+        return setting
+
+    def visual_features_with_scores(self, pixel_values, image_sizes, batch_num_images, score_layer: int):
+        """Features, plus the mean attention each crop token receives in SigLIP layer `score_layer` (SigLIP has no
+        CLS token). The layer's own query and key projections are captured as the tower runs, and only the
+        scores are computed again: the tower keeps its attention kernel (SDPA, flash), which returns no weights."""
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        attention = tower.encoder.layers[score_layer].self_attn
+        captured = {}
+        hooks = [
+            attention.q_proj.register_forward_hook(lambda module, args, output: captured.__setitem__("queries", output)),
+            attention.k_proj.register_forward_hook(lambda module, args, output: captured.__setitem__("keys", output)),
+        ]
+        try:
+            features = VisorModel.visual_features(self, pixel_values, image_sizes, batch_num_images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        scores = attention_received(captured["queries"], captured["keys"], attention.num_heads, attention.scale)
+        if self.config.vision_feature_select_strategy == "default":
+            scores = scores[:, 1:]
+        return features, scores
+
+    def reduce_visual_tokens(self, pixel_values, image_sizes, batch_num_images, setting: dict):
+        """Features of each image after token reduction, and which of the image's tokens survive (bool (N_i,)).
+
+        Like `visual_features_with_scores` and `token_layout`, it needs only LLaVA-OneVision's parts, so the dense
+        baseline calls it on a transformers `LlavaOnevisionModel` (visor_hf.baselines)."""
+        if setting["method"] == "pack":
+            features, crop_scores = VisorModel.visual_features(self, pixel_values, image_sizes, batch_num_images), None
+        else:
+            features, crop_scores = VisorModel.visual_features_with_scores(
+                self, pixel_values, image_sizes, batch_num_images, setting["score_layer"]
+            )
+        layout = image_token_layout(self.config, image_sizes, batch_num_images, crop_scores, features[0].device)
+        reduced, kept = [], []
+        for feature, (is_newline, scores, base_length) in zip(features, layout):
+            if is_newline.shape[0] != feature.shape[0]:
+                raise ValueError(f"token layout of {is_newline.shape[0]} tokens for an image of {feature.shape[0]}")
+            packer = getattr(self, "token_packer", None)
+            chosen, positions = reduce_image_tokens(feature, is_newline, scores, base_length, setting, packer)
+            mask = torch.zeros(feature.shape[0], dtype=torch.bool, device=feature.device)
+            mask[positions] = True
+            reduced.append(chosen)
+            kept.append(mask)
+        return reduced, kept
+
+    def token_layout(self, image_sizes, batch_num_images, crop_scores, device):
+        return image_token_layout(self.config, image_sizes, batch_num_images, crop_scores, device)
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: VisorCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        budget=None,
+        batch_num_images: torch.LongTensor | None = None,
+        cache: VisorCache | None = None,
+        route_only: bool = False,
+        token_reduction=None,
+        **kwargs,
+    ) -> VisorModelOutput:
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else (self.config.get_text_config().use_cache and not self.training)
+        if input_ids is None:
+            raise ValueError("VISOR needs input_ids: image placeholders are found by token id")
+        if isinstance(cache, VisorCache) and cache.prompt is not None:
+            return self._decode(input_ids, inputs_embeds, attention_mask, position_ids, cache)
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
+        cache = VisorCache() if use_cache else None
+        return self._prefill(
+            input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, budget,
+            batch_num_images, cache, route_only, token_reduction,
+        )
+
+    def _prefill(
+        self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, budget,
+        batch_num_images, cache, route_only, token_reduction=None,
+    ) -> VisorModelOutput:
+        config = self.config
+        batch, length = input_ids.shape
+        device = input_ids.device
+        language_model = self.language_model
+        implementation = config.text_config._attn_implementation or "sdpa"
+        configurations = self.resolve_budget(budget, batch)
+        reduction = self.resolve_token_reduction(token_reduction)
+
+        embeds = inputs_embeds if inputs_embeds is not None else language_model.embed_tokens(input_ids)
+        attention_mask = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        is_visual = input_ids == config.image_token_id  # (B, S)
+        image_ids = torch.full_like(input_ids, -1)  # (B, S): which image a placeholder belongs to
+        num_placeholders = int(is_visual.sum())
+        if position_ids is None:  # as LLaVA-OneVision: positions follow the dense sequence
+            position_ids = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+        prompt_length, restore_index = length, None  # the prompt as the caller sees it, before token reduction
+        if pixel_values is not None and num_placeholders > 0:
+            if reduction is None:
+                features = self.visual_features(pixel_values, image_sizes, batch_num_images)
+                lengths = [f.shape[0] for f in features]
+            else:
+                features, kept = self.reduce_visual_tokens(pixel_values, image_sizes, batch_num_images, reduction)
+                lengths = [k.shape[0] for k in kept]  # each image's tokens before reduction
+            num_features = sum(lengths)
+            if num_features != num_placeholders:
+                raise ValueError(
+                    f"Image features and image tokens do not match: {num_placeholders} image placeholder tokens in "
+                    f"input_ids, {num_features} visual tokens from pixel_values ({len(features)} images)"
+                )
+            lengths = torch.tensor(lengths, device=device)
+            image_ids = image_ids.masked_scatter(is_visual, torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths))
+            if reduction is not None:
+                # Drop the placeholders of reduced-away tokens; the survivors keep their positions.
+                restore_index, slot_valid = compact_kept_tokens(is_visual, kept)
+                length = restore_index.shape[1]
+                is_visual = is_visual.gather(1, restore_index) & slot_valid
+                attention_mask = attention_mask.gather(1, restore_index) & slot_valid
+                position_ids, image_ids = position_ids.gather(1, restore_index), image_ids.gather(1, restore_index)
+                input_ids = torch.where(slot_valid, input_ids.gather(1, restore_index), -1)  # -1: an empty slot
+                embeds = embeds.gather(1, restore_index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+                image_ids = torch.where(is_visual, image_ids, -1)
+            features = torch.cat(features).to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), features)
+        elif num_placeholders > 0:
+            raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
+
+        cos, sin = language_model.rotary_emb(embeds, position_ids)  # (B, S, d)
+
+        # Split into a left-padded text buffer and a right-padded visual buffer, both in dense order.
+        is_text = ~is_visual
+        num_text = int(is_text.sum(1).max())
+        num_visual = int(is_visual.sum(1).max())
+        order = torch.argsort(is_text.to(torch.int8), dim=1, stable=True)  # visual positions first, then text
+        text_index = order[:, length - num_text :]  # (B, Nt)
+        visual_index = order[:, :num_visual]  # (B, Nv)
+        text_valid = is_text.gather(1, text_index) & attention_mask.gather(1, text_index)
+        visual_valid = is_visual.gather(1, visual_index)
+        visual_image_ids = torch.where(visual_valid, image_ids.gather(1, visual_index), -1)
+
+        def gather(x, index):  # (B, S, D) -> (B, N, D)
+            return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+        def scatter(x, index):  # (B, N, D) -> (B, S, D), zeros elsewhere
+            out = x.new_zeros(batch, length, x.shape[-1])
+            return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+
+        text, visual = gather(embeds, text_index), gather(embeds, visual_index)
+        text_cos, text_sin = gather(cos, text_index), gather(sin, text_index)
+        # Masks: None is a plain causal mask (no padding), the fast path of SDPA.
+        text_allowed = None if bool(text_valid.all()) else causal_allowed(text_valid, num_text)  # (B, 1, Nt, Nt)
+        no_padding = bool(attention_mask.all())
+        # Cross-attention keeps the dense causal order: a text token reads the images placed before it.
+        cross_allowed = (visual_valid[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])).unsqueeze(1)
+
+        # Before the router layer every configuration runs the same layers: the ones they all share.
+        always = tuple(sorted(set(config.self_attn_layers).intersection(*map(set, config.configurations))))
+        if config.router_layer >= config.num_layers:  # nothing to route: all configurations are the same
+            configurations = [always if c is None else c for c in configurations]
+        routed = [c is not None for c in configurations]
+        provisional = [always if c is None else c for c in configurations]
+        active = self._active_layers(provisional, device)
+        has_visual = num_visual > 0
+        state = VisorPromptState(
+            is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
+            dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=prompt_length,
+        )
+        router_logits = routing_mask = None
+        run_layer = decoder_layer_forward
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in language_model.modules())
+        if self.training and checkpointing:  # set by gradient_checkpointing_enable(): recompute layers in backward
+            def run_layer(*args):
+                return torch.utils.checkpoint.checkpoint(decoder_layer_forward, *args, use_reentrant=False)
+
+        for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
+            if layer_idx == config.router_layer and not all(routed):
+                configurations, router_logits, routing_mask = self._route(input_ids, text_index, text, configurations)
+                active = state.active = self._active_layers(configurations, device)
+            if route_only and layer_idx >= config.router_layer:
+                break
+            if has_visual and bool(active[:, layer_idx].any()):
+                state.dense_layers[layer_idx] = True
+                # Samples that skip this layer: their visual keys are hidden, their visual tokens kept.
+                skips = is_visual & ~active[:, layer_idx : layer_idx + 1]
+                if no_padding and not bool(skips.any()):
+                    allowed = None
+                else:  # (B, 1, S, S)
+                    allowed = causal_allowed(attention_mask & ~skips, length)
+                dense = torch.where(is_visual.unsqueeze(-1), scatter(visual, visual_index), scatter(text, text_index))
+                dense = run_layer(layer, dense, cos, sin, allowed, cache, layer_idx, implementation)
+                text = gather(dense, text_index)
+                visual = torch.where(active[:, layer_idx, None, None], gather(dense, visual_index), visual)
+            else:
+                text = run_layer(layer, text, text_cos, text_sin, text_allowed, cache, layer_idx, implementation)
+            if has_visual and str(layer_idx) in self.cross_attn:
+                cross = self.cross_attn[str(layer_idx)]
+                key, value = cross.visual_key_values(visual, visual_image_ids)
+                state.cross_key_values[layer_idx] = (key, value)
+                text = cross(text, key, value, cross_allowed, implementation)
+
+        if route_only:
+            return VisorModelOutput(
+                self_attn_layers=[tuple(c) for c in configurations], router_logits=router_logits, routing_mask=routing_mask
+            )
+
+        hidden = scatter(language_model.norm(text), text_index)  # (B, S, H); placeholders hold no prediction
+        if restore_index is not None:  # back to the caller's layout (token reduction shortened the prompt)
+            hidden = hidden.new_zeros(batch, prompt_length, hidden.shape[-1]).scatter(
+                1, restore_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden
+            )
+        if cache is not None:
+            cache.prompt = state
+        return VisorModelOutput(
+            last_hidden_state=hidden, **{CACHE_FIELD: cache},
+            self_attn_layers=[tuple(c) for c in configurations], router_logits=router_logits,
+        )
+
+    def _route(self, input_ids, text_index, text, configurations):
+        """Pick a configuration for the samples whose budget is "auto", from their routing tokens."""
+        config = self.config
+        is_routing = input_ids.gather(1, text_index) == config.routing_token_id  # (B, Nt)
+        logits = self.router(text)  # (B, Nt, num_configurations)
+        choice = logits.argmax(-1)  # (B, Nt); configurations are ordered by cost, so a larger index costs more
+        fallback = self._resolve_one_budget(config.default_budget if config.default_budget != "auto" else "full")
+        routed = list(configurations)
+        for b, configuration in enumerate(configurations):
+            if configuration is not None:
+                continue
+            picks = choice[b][is_routing[b]]
+            # Several questions: the most expensive configuration any of them asks for.
+            routed[b] = tuple(config.configurations[int(picks.max())]) if picks.numel() else fallback
+        return routed, logits, is_routing
+
+    def _decode(self, input_ids, inputs_embeds, attention_mask, position_ids, cache: VisorCache) -> VisorModelOutput:
+        """Continue from the cache with n new text tokens; visual tokens are only read from the cache."""
+        config = self.config
+        state = cache.prompt
+        language_model = self.language_model
+        implementation = config.text_config._attn_implementation or "sdpa"
+        batch, num_new = input_ids.shape
+        if bool((input_ids == config.image_token_id).any()):
+            raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
+        hidden = inputs_embeds if inputs_embeds is not None else language_model.embed_tokens(input_ids)
+
+        if attention_mask is None:
+            new_valid = torch.ones_like(input_ids, dtype=torch.bool)
+        elif attention_mask.shape[1] in (state.seq_length + num_new, num_new):
+            new_valid = attention_mask[:, -num_new:].bool()
+        else:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns; expected {state.seq_length + num_new} "
+                f"(prompt and generated tokens) or {num_new} (the new tokens)"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(num_new, device=input_ids.device).unsqueeze(0) + state.seq_length
+            position_ids = position_ids.expand(batch, -1)
+        cos, sin = language_model.rotary_emb(hidden, position_ids)
+
+        state.text_valid = torch.cat([state.text_valid, new_valid], dim=1)
+        state.dense_valid = torch.cat([state.dense_valid, new_valid], dim=1)
+        state.seq_length += num_new
+        text_allowed = causal_allowed(state.text_valid, num_new)
+        is_visual = F.pad(state.is_visual, (0, state.dense_valid.shape[1] - state.is_visual.shape[1]))
+        cross_allowed = state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1)
+
+        for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
+            if state.dense_layers[layer_idx]:
+                skips = is_visual & ~state.active[:, layer_idx : layer_idx + 1]
+                allowed = causal_allowed(state.dense_valid & ~skips, num_new)
+            else:
+                allowed = text_allowed
+            hidden = decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx, implementation)
+            if layer_idx in state.cross_key_values:
+                key, value = state.cross_key_values[layer_idx]
+                hidden = self.cross_attn[str(layer_idx)](hidden, key, value, cross_allowed, implementation)
+
+        configurations = [tuple(int(i) for i in torch.nonzero(row).flatten()) for row in state.active]
+        return VisorModelOutput(
+            last_hidden_state=language_model.norm(hidden), **{CACHE_FIELD: cache},
+            self_attn_layers=configurations,
+        )
+
+
+class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
+    """VISOR with a language-model head. Inputs are LLaVA-OneVision's; `budget` picks the configuration:
+    "auto" (router), "full", an int k, a tuple of layers, or a list with one of these per sample."""
+
+    # 5.x maps each tied weight to its source; 4.57 lists them
+    _tied_weights_keys = (
+        {"lm_head.weight": "model.language_model.embed_tokens.weight"} if TRANSFORMERS_V5 else ["lm_head.weight"]
+    )
+
+    def __init__(self, config: VisorConfig):
+        super().__init__(config)
+        self.model = VisorModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: VisorCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        budget=None,
+        batch_num_images: torch.LongTensor | None = None,
+        cache: VisorCache | None = None,
+        route_only: bool = False,
+        token_reduction=None,
+        **kwargs,
+    ) -> VisorCausalLMOutput:
+        r"""budget: see the class docstring. route_only: stop after the router and return only
+        `self_attn_layers`, `router_logits` and `routing_mask` (router training goes through here, so that
+        DDP and friends see a forward of the wrapped model)."""
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, budget=budget, batch_num_images=batch_num_images, cache=cache, route_only=route_only,
+            token_reduction=token_reduction,
+        )
+        if route_only:
+            return VisorCausalLMOutput(
+                self_attn_layers=outputs.self_attn_layers, router_logits=outputs.router_logits,
+                routing_mask=outputs.routing_mask,
+            )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:  # num_items_in_batch (from Trainer) scales the loss right under gradient accumulation
+            loss_kwargs = {k: v for k, v in kwargs.items() if k == "num_items_in_batch" and v is not None}
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
+            )
+        return VisorCausalLMOutput(
+            loss=loss, logits=logits, **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
+            self_attn_layers=outputs.self_attn_layers, router_logits=outputs.router_logits,
+        )
+
+    @torch.no_grad()
+    def route(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs) -> list[tuple[int, ...]]:
+        """The configuration the router picks for each sample, without running the layers after it."""
+        out = self(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
+            use_cache=False, budget="auto", route_only=True, **kwargs,
+        )
+        return out.self_attn_layers
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, **kwargs):
+        """Images are read at prefill only: drop pixel_values once the cache holds the prompt (4.57 passes
+        them at every step otherwise)."""
+        prompt_done = any(isinstance(c, VisorCache) and c.prompt is not None for c in (past_key_values, cache))
+        cache_kwargs = {CACHE_FIELD: cache if cache is not None else past_key_values}
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_kwargs, **kwargs)
+        if prompt_done:
+            for name in ("pixel_values", "image_sizes", "batch_num_images"):
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    @classmethod
+    def from_llava_onevision(
+        cls, llava_model, cross_attn_layers=None, self_attn_layers=None, configurations=None, **config_overrides
+    ) -> "VisorForConditionalGeneration":
+        """Graft VISOR onto an in-memory transformers `LlavaOnevisionForConditionalGeneration`.
+
+        Every LLaVA-OneVision weight is copied unchanged (same key names); the new parts start as identity.
+        The cross-attention projections start from the same layer's self-attention projections (a warm start
+        that the zero gate keeps inert until trained).
+        """
+        config = VisorConfig.from_llava_onevision_config(
+            llava_model.config, cross_attn_layers=cross_attn_layers, self_attn_layers=self_attn_layers,
+            configurations=configurations, **config_overrides,
+        )
+        config.text_config._attn_implementation = llava_model.config.text_config._attn_implementation
+        config._attn_implementation = llava_model.config._attn_implementation
+        dtype = next(llava_model.parameters()).dtype
+        model = cls(config).to(dtype)
+        source = llava_model.state_dict()
+        target = model.state_dict()
+        missing = [k for k in source if k not in target]
+        if missing:
+            raise ValueError(f"LLaVA-OneVision keys with no place in VISOR: {missing[:5]}")
+        for key, tensor in source.items():
+            if target[key].shape != tensor.shape:
+                raise ValueError(f"{key}: shape {tuple(tensor.shape)} in LLaVA-OneVision, {tuple(target[key].shape)} in VISOR")
+        model.load_state_dict(source, strict=False)
+        for layer_idx, cross in model.model.cross_attn.items():
+            attn = model.model.language_model.layers[int(layer_idx)].self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(cross, name).load_state_dict(getattr(attn, name).state_dict())
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        return model.to(next(llava_model.parameters()).device)
+
+
+__all__ = ["VisorModel", "VisorForConditionalGeneration", "VisorPreTrainedModel", "VisorCache"]
