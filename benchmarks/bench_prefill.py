@@ -69,6 +69,14 @@ QWEN2_05B = dict(
     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
     rms_norm_eps=1e-6, tie_word_embeddings=True,
 )
+# llava-onevision-qwen2-7b-ov: Qwen2-7B (same vision tower); on a GPU the 0.5B model at batch 1 is bound by kernel
+# launches, the 7B one by arithmetic
+QWEN2_7B = dict(
+    model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+LANGUAGE_MODELS = {"qwen2-0.5b": ("Qwen2-0.5B", QWEN2_05B), "qwen2-7b": ("Qwen2-7B", QWEN2_7B)}
 SIGLIP_400M = dict(
     model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
     num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False,
@@ -110,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (memory is sampled there)")
+    parser.add_argument("--language-model", default="qwen2-0.5b", choices=sorted(LANGUAGE_MODELS),
+                        help="shapes of the language model (default qwen2-0.5b; qwen2-7b needs about 20 GB)")
     parser.add_argument("--tiny-vision", action="store_true", help="a one-layer 64-wide vision tower (isolates the LLM)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks the script in seconds")
@@ -145,14 +155,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_models(args):
     """Dense LLaVA-OV with random weights and VISOR grafted onto the same weights, both in eval mode."""
-    text = SMOKE_TEXT if args.smoke else QWEN2_05B
+    text = SMOKE_TEXT if args.smoke else LANGUAGE_MODELS[args.language_model][1]
     vision = SMOKE_VISION if args.smoke else (TINY_VISION if args.tiny_vision else SIGLIP_400M)
     crop = vision["image_size"]
     config = LlavaOnevisionConfig(
         text_config=dict(text), vision_config=dict(vision),
         image_token_index=SMOKE_IMAGE_TOKEN_ID if args.smoke else IMAGE_TOKEN_ID,
         vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
-        image_grid_pinpoints=[[crop * h, crop * w] for h in range(1, 7) for w in range(1, 7)], tie_word_embeddings=True,
+        image_grid_pinpoints=[[crop * h, crop * w] for h in range(1, 7) for w in range(1, 7)],
+        tie_word_embeddings=text["tie_word_embeddings"],
     )
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = args.attn
@@ -160,7 +171,8 @@ def build_models(args):
     with torch.device(args.device):
         llava = LlavaOnevisionForConditionalGeneration(config)
     llava = llava.to(getattr(torch, args.dtype)).eval()
-    visor = VisorForConditionalGeneration.from_llava_onevision(llava).eval()
+    with torch.device(args.device):  # VISOR's own modules are built there too, not on the CPU first
+        visor = VisorForConditionalGeneration.from_llava_onevision(llava).eval()
     # Both models read the very same weight tensors (VISOR keeps LLaVA-OV's key names): half the memory, and no
     # difference in where the weights sit in memory between the two.
     dense_parameters = dict(llava.named_parameters())
@@ -609,10 +621,24 @@ def environment(args) -> str:
             f"attention {args.attn}")
 
 
+def run_tag(args) -> str:
+    """Names this run's files and BENCHMARKS.md section: device, and what differs from the default shapes."""
+    if args.smoke:
+        return "smoke-" + args.device
+    return (args.device + ("-tiny-vision" if args.tiny_vision else "")
+            + ("" if args.language_model == "qwen2-0.5b" else "-" + args.language_model))
+
+
+def shapes_text(args) -> str:
+    if args.smoke:
+        return "smoke shapes (24 tiny layers)"
+    return (f"{LANGUAGE_MODELS[args.language_model][0]} language model + "
+            + ("a one-layer 64-wide vision tower (--tiny-vision)" if args.tiny_vision
+               else "SigLIP-400M (26 layers, 384 px, patch 14)"))
+
+
 def section(args, rows, targets, plots, command: str, clock: Clock) -> str:
-    shapes = ("smoke shapes (24 tiny layers)" if args.smoke else
-              "Qwen2-0.5B language model + " + ("a one-layer 64-wide vision tower (--tiny-vision)" if args.tiny_vision
-                                                 else "SigLIP-400M (26 layers, 384 px, patch 14)"))
+    shapes = shapes_text(args)
     body = [
         f"Command: `{command}`",
         "",
@@ -689,7 +715,7 @@ def main(argv=None) -> list[dict]:
         print(f"N_v={num_visual} done in {time.perf_counter() - start:.0f}s", flush=True)
         print(markdown_table(size_rows), flush=True)
 
-    tag = ("smoke-" if args.smoke else "") + args.device + ("-tiny-vision" if args.tiny_vision and not args.smoke else "")
+    tag = run_tag(args)
     targets = check_targets(rows, visor.config.num_layers, len(visor.config.cross_attn_layers))
     plots = plot(rows, output_dir, tag)
     text = section(args, rows, targets, plots, command, clock)
@@ -697,7 +723,8 @@ def main(argv=None) -> list[dict]:
     (output_dir / f"prefill_{tag}.json").write_text(json.dumps({"args": vars(args), "rows": rows, "background": clock.background, "reruns": clock.rerun}, indent=1, default=str))
     print("\n" + text)
     if args.benchmarks_md:
-        title = f"Prefill and decode: VISOR vs dense LLaVA-OV ({args.device.upper()}{', smoke' if args.smoke else ''})"
+        title = (f"Prefill and decode: VISOR vs dense LLaVA-OV ({args.device.upper()}{', smoke' if args.smoke else ''}"
+                 f"{', ' + LANGUAGE_MODELS[args.language_model][0] if args.language_model != 'qwen2-0.5b' else ''})")
         update_markdown(Path(args.benchmarks_md), tag, title, text)
         print(f"updated {args.benchmarks_md}")
     return rows

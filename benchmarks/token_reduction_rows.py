@@ -260,10 +260,9 @@ def run(args, bench, llava, visor, clock, generator, command: str) -> list[dict]
     for image_size in args.image_sizes:
         rows += bench_image(args, bench, llava, visor, image_size, clock, generator)
         print(markdown_table([r for r in rows if r["image_size"] == f"{image_size[0]}x{image_size[1]}"]), flush=True)
-    tag = ("smoke-" if args.smoke else "") + args.device + ("-tiny-vision" if args.tiny_vision and not args.smoke else "")
+    tag = bench.run_tag(args)
     figure = plot(rows, output_dir, tag)
-    shapes = ("smoke shapes" if args.smoke else "Qwen2-0.5B language model + "
-              + ("a one-layer vision tower (--tiny-vision)" if args.tiny_vision else "SigLIP-400M"))
+    shapes = bench.shapes_text(args)
     text = "\n".join([
         f"Command: `{command}`",
         "",

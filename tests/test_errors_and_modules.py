@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from visor_hf import VisorConfig, VisorForConditionalGeneration
-from visor_hf.modeling_visor import VisorCPE
+from visor_hf.modeling_visor import VisorCPE, VisualLayout
 from visor_hf.testing import IMAGE_TOKEN_ID, tiny_llava_onevision_config
 
 
@@ -72,6 +72,7 @@ def test_cpe_matches_a_convolution_run_on_each_image_alone():
     x = torch.randn(2, 14, 8)
     image_ids = torch.tensor([[0] * 5 + [1] * 9, [2] * 6 + [-1] * 8])
     out = cpe(x, image_ids)
+    assert torch.equal(cpe(x, image_ids, VisualLayout.of(image_ids)), out)  # the layout a prompt computes once
     segments = [(0, slice(0, 5)), (0, slice(5, 14)), (1, slice(0, 6))]
     for sample, span in segments:
         alone = x[sample, span].T.unsqueeze(0)  # (1, H, N): the image's tokens, zero-padded at its borders

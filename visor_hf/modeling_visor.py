@@ -135,6 +135,27 @@ def decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx: in
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class VisualLayout:
+    """Where the images sit in a (B, N) visual buffer. Computed once per prompt and shared by every CPE, so that the
+    cross-attention layers need not ask the GPU for it (a host sync) one by one."""
+
+    rank: torch.Tensor  # (B, N) which image of its row a token belongs to (0 for padding)
+    all_valid: bool  # no padding in the buffer
+    gaps: int  # the most images in one row, less one
+
+    @classmethod
+    def of(cls, image_ids: torch.Tensor) -> "VisualLayout":
+        """image_ids (B, N), -1 for padding."""
+        valid = image_ids >= 0
+        starts = valid & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])
+        rank = (torch.cumsum(starts.long(), dim=1) - 1).clamp(min=0)
+        if not rank.numel():
+            return cls(rank, True, 0)
+        all_valid, gaps = torch.stack([valid.all().long(), rank.max()]).tolist()  # one host sync for both
+        return cls(rank, bool(all_valid), gaps)
+
+
 class VisorCPE(nn.Module):
     """Conditional positional encoding `x + DWConv1d(x)` run over each image's own token sequence.
 
@@ -149,16 +170,16 @@ class VisorCPE(nn.Module):
         self.weight = nn.Parameter(torch.zeros(hidden_size, 1, kernel_size))
         self.bias = nn.Parameter(torch.zeros(hidden_size))
 
-    def forward(self, x: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
-        """x (B, N, H); image_ids (B, N), -1 for padding. Returns (B, N, H) (padding rows unspecified)."""
+    def forward(self, x: torch.Tensor, image_ids: torch.Tensor, layout: VisualLayout | None = None) -> torch.Tensor:
+        """x (B, N, H); image_ids (B, N), -1 for padding; `layout` of image_ids if known. Returns (B, N, H)
+        (padding rows unspecified)."""
         half = self.weight.shape[-1] // 2
-        valid = image_ids >= 0
-        source = x if bool(valid.all()) else x * valid.unsqueeze(-1).to(x.dtype)  # padding contributes zeros
+        layout = layout or VisualLayout.of(image_ids)
+        rank, gaps = layout.rank, layout.gaps
+        # padding contributes zeros
+        source = x if layout.all_valid else x * (image_ids >= 0).unsqueeze(-1).to(x.dtype)
         # Images that share a row are pulled apart by `half` zero tokens, so that one convolution over the row
         # never reaches from one image into the next. Rows of one image need no gaps.
-        starts = valid & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])
-        rank = (torch.cumsum(starts.long(), dim=1) - 1).clamp(min=0)  # (B, N): which image of the row
-        gaps = int(rank.max()) if rank.numel() else 0
         if gaps:
             position = (torch.arange(x.shape[1], device=x.device) + half * rank).unsqueeze(-1).expand_as(x)
             source = x.new_zeros(x.shape[0], x.shape[1] + half * gaps, x.shape[2]).scatter(1, position, source)
@@ -196,11 +217,14 @@ class VisorCrossAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
         self.gate = nn.Parameter(torch.zeros(1))
 
-    def visual_key_values(self, visual: torch.Tensor, image_ids: torch.Tensor):
-        """visual (B, Nv, H) -> keys, values (B, kvh, Nv, d) of CPE(V)."""
-        visual, image_ids = visual.to(self.q_proj.weight.device), image_ids.to(self.q_proj.weight.device)
+    def visual_key_values(self, visual: torch.Tensor, image_ids: torch.Tensor, layout: VisualLayout | None = None):
+        """visual (B, Nv, H) -> keys, values (B, kvh, Nv, d) of CPE(V); `layout`: VisualLayout.of(image_ids)."""
+        device = self.q_proj.weight.device
+        visual, image_ids = visual.to(device), image_ids.to(device)
+        if layout is not None and layout.rank.device != device:  # layers split over several GPUs
+            layout = VisualLayout(layout.rank.to(device), layout.all_valid, layout.gaps)
         batch, length, _ = visual.shape
-        visual = self.visual_norm(self.cpe(visual, image_ids))
+        visual = self.visual_norm(self.cpe(visual, image_ids, layout))
         shape = (batch, length, self.num_key_value_heads, self.head_dim)
         return self.k_proj(visual).view(shape).transpose(1, 2), self.v_proj(visual).view(shape).transpose(1, 2)
 
@@ -414,13 +438,14 @@ class VisorPromptState:
     dense_valid: torch.Tensor  # (B, S + t) keys of self-attention layers that are not padding
     text_valid: torch.Tensor  # (B, Nt + t) keys of text-only layers that are not padding
     active: torch.Tensor  # (B, L) the sample's configuration contains layer l
+    active_host: torch.Tensor  # the same on the CPU: Python decides which layers run without waiting for the GPU
     dense_layers: list[bool]  # layer l caches visual + text (some sample runs it on the visual tokens)
     visual_valid: torch.Tensor  # (B, Nv)
     cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V)
     seq_length: int = 0  # dense length seen so far (prompt + decoded)
 
     def index_select(self, index: torch.Tensor) -> None:
-        for name in ("is_visual", "dense_valid", "text_valid", "active", "visual_valid"):
+        for name in ("is_visual", "dense_valid", "text_valid", "active", "active_host", "visual_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
         self.cross_key_values = {
             layer: (k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
@@ -649,12 +674,12 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             )
         return configuration
 
-    def _active_layers(self, configurations: list, device) -> torch.Tensor:
-        """(B, L) bool: layer l is in sample b's configuration."""
+    def _active_layers(self, configurations: list) -> torch.Tensor:
+        """(B, L) bool on the CPU: layer l is in sample b's configuration."""
         active = torch.zeros(len(configurations), self.config.num_layers, dtype=torch.bool)
         for b, configuration in enumerate(configurations):
             active[b, list(configuration)] = True
-        return active.to(device)
+        return active
 
     # ---- visual tokens -------------------------------------------------------------------------
 
@@ -820,9 +845,13 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         cos, sin = language_model.rotary_emb(embeds, position_ids)  # (B, S, d)
 
         # Split into a left-padded text buffer and a right-padded visual buffer, both in dense order.
-        is_text = ~is_visual
-        num_text = int(is_text.sum(1).max())
-        num_visual = int(is_visual.sum(1).max())
+        is_text = ~is_visual  # padding counts as text here
+        # Sizes the host needs, fetched from the GPU in one go (each fetch waits for the GPU).
+        counts = torch.stack([is_text.sum(1), is_visual.sum(1), (is_text & attention_mask).sum(1), attention_mask.all(1)])
+        counts = counts.cpu()  # (4, B)
+        num_text, num_visual = int(counts[0].max()), int(counts[1].max())
+        sample_has_visual = counts[1] > 0  # (B,)
+        no_padding = bool(counts[3].all())
         order = torch.argsort(is_text.to(torch.int8), dim=1, stable=True)  # visual positions first, then text
         text_index = order[:, length - num_text :]  # (B, Nt)
         visual_index = order[:, :num_visual]  # (B, Nv)
@@ -840,8 +869,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         text, visual = gather(embeds, text_index), gather(embeds, visual_index)
         text_cos, text_sin = gather(cos, text_index), gather(sin, text_index)
         # Masks: None is a plain causal mask (no padding), the fast path of SDPA.
-        text_allowed = None if bool(text_valid.all()) else causal_allowed(text_valid, num_text)  # (B, 1, Nt, Nt)
-        no_padding = bool(attention_mask.all())
+        text_padded = bool((counts[2] < num_text).any())  # some sample has fewer valid text tokens than the buffer
+        text_allowed = causal_allowed(text_valid, num_text) if text_padded else None  # (B, 1, Nt, Nt)
         # Cross-attention keeps the dense causal order: a text token reads the images placed before it.
         cross_allowed = (visual_valid[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])).unsqueeze(1)
 
@@ -851,10 +880,14 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             configurations = [always if c is None else c for c in configurations]
         routed = [c is not None for c in configurations]
         provisional = [always if c is None else c for c in configurations]
-        active = self._active_layers(provisional, device)
+        # Which layers run is decided on the host (CPU copies), so that no layer waits for the GPU to catch up.
+        active_host = self._active_layers(provisional)
+        active = active_host.to(device)
         has_visual = num_visual > 0
+        visual_layout = VisualLayout.of(visual_image_ids) if has_visual and self.cross_attn else None
         state = VisorPromptState(
             is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
+            active_host=active_host,
             dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=prompt_length,
         )
         router_logits = routing_mask = None
@@ -867,14 +900,15 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
             if layer_idx == config.router_layer and not all(routed):
                 configurations, router_logits, routing_mask = self._route(input_ids, text_index, text, configurations)
-                active = state.active = self._active_layers(configurations, device)
+                active_host = state.active_host = self._active_layers(configurations)
+                active = state.active = active_host.to(device)
             if route_only and layer_idx >= config.router_layer:
                 break
-            if has_visual and bool(active[:, layer_idx].any()):
+            if has_visual and bool(active_host[:, layer_idx].any()):
                 state.dense_layers[layer_idx] = True
                 # Samples that skip this layer: their visual keys are hidden, their visual tokens kept.
                 skips = is_visual & ~active[:, layer_idx : layer_idx + 1]
-                if no_padding and not bool(skips.any()):
+                if no_padding and not bool((sample_has_visual & ~active_host[:, layer_idx]).any()):
                     allowed = None
                 else:  # (B, 1, S, S)
                     allowed = causal_allowed(attention_mask & ~skips, length)
@@ -886,7 +920,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 text = run_layer(layer, text, text_cos, text_sin, text_allowed, cache, layer_idx, implementation)
             if has_visual and str(layer_idx) in self.cross_attn:
                 cross = self.cross_attn[str(layer_idx)]
-                key, value = cross.visual_key_values(visual, visual_image_ids)
+                key, value = cross.visual_key_values(visual, visual_image_ids, visual_layout)
                 state.cross_key_values[layer_idx] = (key, value)
                 text = cross(text, key, value, cross_allowed, implementation)
 
@@ -912,13 +946,14 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         config = self.config
         is_routing = input_ids.gather(1, text_index) == config.routing_token_id  # (B, Nt)
         logits = self.router(text)  # (B, Nt, num_configurations)
-        choice = logits.argmax(-1)  # (B, Nt); configurations are ordered by cost, so a larger index costs more
+        # (B, Nt); configurations are ordered by cost, so a larger index costs more. One copy to the host for all.
+        choice, is_routing_host = logits.argmax(-1).cpu(), is_routing.cpu()
         fallback = self._resolve_one_budget(config.default_budget if config.default_budget != "auto" else "full")
         routed = list(configurations)
         for b, configuration in enumerate(configurations):
             if configuration is not None:
                 continue
-            picks = choice[b][is_routing[b]]
+            picks = choice[b][is_routing_host[b]]
             # Several questions: the most expensive configuration any of them asks for.
             routed[b] = tuple(config.configurations[int(picks.max())]) if picks.numel() else fallback
         return routed, logits, is_routing
@@ -966,7 +1001,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 key, value = state.cross_key_values[layer_idx]
                 hidden = self.cross_attn[str(layer_idx)](hidden, key, value, cross_allowed, implementation)
 
-        configurations = [tuple(int(i) for i in torch.nonzero(row).flatten()) for row in state.active]
+        configurations = [tuple(int(i) for i in torch.nonzero(row).flatten()) for row in state.active_host]
         return VisorModelOutput(
             last_hidden_state=language_model.norm(hidden), **{CACHE_FIELD: cache},
             self_attn_layers=configurations,
