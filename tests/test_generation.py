@@ -61,6 +61,28 @@ def test_mixed_budgets_in_one_batch_match_each_sample_alone(visor, batch):
         assert torch.equal(sequences[i, batch["input_ids"].shape[1] :], expected)
 
 
+def test_mixed_budgets_without_padding_match_each_sample_alone(visor, llava):
+    """Two prompts of one length and image size: no padding, so the layer a sample skips is hidden from it by the
+    mask alone (the unpadded fast path must not be taken at a layer some sample skips)."""
+    batch = tiny_inputs(llava, [(112, 112), (112, 112)], [(3, 5), (3, 5)], seed=1)
+    assert bool(batch["attention_mask"].all())
+    with torch.no_grad():
+        mixed = visor(**batch, budget=[0, "full"])
+        for i, budget in enumerate([0, "full"]):
+            alone = visor(**single(batch, i), budget=budget)
+            assert (mixed.logits[i, -1] - alone.logits[0, -1]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("budget", [1, [0, "full"]])
+def test_beam_search_with_the_cache_equals_beam_search_without(visor, batch, budget):
+    """Beam search reorders the cache (and the prompt state's per-sample masks) between steps."""
+    kwargs = dict(num_beams=2, num_return_sequences=2, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                  pad_token_id=0, budget=budget)
+    cached = visor.generate(**batch, use_cache=True, **kwargs)
+    uncached = visor.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
 def test_cache_holds_text_only_outside_self_attention_layers(visor, batch):
     with torch.no_grad():
         out = visor(**batch, budget=1, use_cache=True)

@@ -869,7 +869,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         text, visual = gather(embeds, text_index), gather(embeds, visual_index)
         text_cos, text_sin = gather(cos, text_index), gather(sin, text_index)
         # Masks: None is a plain causal mask (no padding), the fast path of SDPA.
-        text_padded = bool((counts[2] < num_text).any())  # some sample has fewer valid text tokens than the buffer
+        # The text buffer is left-padded (with other positions) to num_text: a sample with fewer valid text tokens
+        # than num_text has padding in it.
+        text_padded = bool((counts[2] < num_text).any())
         text_allowed = causal_allowed(text_valid, num_text) if text_padded else None  # (B, 1, Nt, Nt)
         # Cross-attention keeps the dense causal order: a text token reads the images placed before it.
         cross_allowed = (visual_valid[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])).unsqueeze(1)
@@ -1101,6 +1103,17 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             for name in ("pixel_values", "image_sizes", "batch_num_images"):
                 model_inputs.pop(name, None)
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and num_return_sequences repeat each sample `expand_size` times; a per-sample list of
+        budgets is repeated with it (transformers expands only tensors). A static method in 4.57, a method in 5.x:
+        called through super() either way."""
+        budget = model_kwargs.get("budget")
+        if isinstance(budget, list) and expand_size > 1:
+            model_kwargs["budget"] = [b for b in budget for _ in range(expand_size)]
+        return super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
 
     @classmethod
     def from_llava_onevision(
