@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from visor_hf.modeling_visor import CACHE_FIELD as CACHE_KW
 from visor_hf.testing import IMAGE_TOKEN_ID, tiny_inputs
 
 from .conftest import IMAGE_SIZES, PROMPT_LENGTHS
@@ -81,6 +82,23 @@ def test_beam_search_with_the_cache_equals_beam_search_without(visor, batch, bud
     cached = visor.generate(**batch, use_cache=True, **kwargs)
     uncached = visor.generate(**batch, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("budget", [0, 1, [0, "full"]])
+def test_several_new_tokens_at_once_continue_the_cache(visor, llava, batch, budget, padded):
+    """A cached step with 3 new tokens (as in assisted decoding) gives the logits of one uncached forward over
+    prompt + those tokens; without padding no mask tensor is built (the causal offset is attention's own)."""
+    inputs = batch if padded else tiny_inputs(llava, [(112, 112), (112, 112)], [(3, 5), (3, 5)], seed=1)
+    new = torch.randint(3, IMAGE_TOKEN_ID, (2, 3), generator=torch.Generator().manual_seed(0))
+    full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1)
+    with torch.no_grad():
+        prompt = visor(**inputs, budget=budget, use_cache=True)
+        cache = prompt.past_key_values if prompt.past_key_values is not None else prompt.cache
+        step = visor(input_ids=new, attention_mask=full_mask, use_cache=True, **{CACHE_KW: cache})
+        whole = visor(**{**inputs, "input_ids": torch.cat([inputs["input_ids"], new], 1), "attention_mask": full_mask},
+                      budget=budget)
+    assert (step.logits - whole.logits[:, -3:]).abs().max() <= 1e-4
 
 
 def test_cache_holds_text_only_outside_self_attention_layers(visor, batch):

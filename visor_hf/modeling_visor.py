@@ -70,18 +70,23 @@ except ImportError:  # transformers 4.57
 def attend(query, key, value, allowed, implementation: str, scaling: float) -> torch.Tensor:
     """Grouped-query attention with a boolean mask.
 
-    query (B, h, Q, d); key/value (B, kvh, K, d); allowed (B, 1, Q, K), True = may attend, or None for a
-    plain causal mask over Q == K tokens (no padding), which lets SDPA pick its fastest kernel.
+    query (B, h, Q, d); key/value (B, kvh, K, d); allowed (B, 1, Q, K), True = may attend, or None when nothing
+    is padding: the Q queries are the last Q of the K keys, each reads the keys up to itself. Then SDPA needs no
+    mask tensor (Q == K: its causal kernel; Q == 1, a decoding step: every key), its fastest kernels.
     Returns (B, Q, h, d). Rows with no allowed key return zeros.
     """
     groups = query.shape[1] // key.shape[1]
+    num_queries, num_keys = query.shape[2], key.shape[2]
     if allowed is None:
-        if query.shape[2] != key.shape[2]:
-            raise ValueError(f"a plain causal mask needs as many queries as keys, got {query.shape[2]} and {key.shape[2]}")
-        if implementation != "eager":
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        if num_queries > num_keys:
+            raise ValueError(f"a causal mask needs at most as many queries as keys, got {num_queries} and {num_keys}")
+        if implementation != "eager" and num_queries in (1, num_keys):
+            out = F.scaled_dot_product_attention(
+                query, key, value, is_causal=num_queries > 1, scale=scaling, enable_gqa=groups > 1
+            )
             return out.transpose(1, 2)
-        allowed = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+        allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device)
+        allowed = allowed.tril(num_keys - num_queries)[None, None]
     has_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, Q, 1)
     allowed = allowed | ~has_key  # a fully masked row would give NaN; it is zeroed below
     if implementation == "eager":
@@ -229,9 +234,11 @@ class VisorCrossAttention(nn.Module):
         return self.k_proj(visual).view(shape).transpose(1, 2), self.v_proj(visual).view(shape).transpose(1, 2)
 
     def forward(self, text, key, value, allowed, implementation: str) -> torch.Tensor:
-        """text (B, Q, H); key/value (B, kvh, Nv, d); allowed (B, 1, Q, Nv). Returns the updated text."""
+        """text (B, Q, H); key/value (B, kvh, Nv, d); allowed (B, 1, Q, Nv), or None for one query reading every
+        visual token (a decoding step without padding). Returns the updated text."""
         device = self.q_proj.weight.device
-        text, key, value, allowed = text.to(device), key.to(device), value.to(device), allowed.to(device)
+        text, key, value = text.to(device), key.to(device), value.to(device)
+        allowed = allowed.to(device) if allowed is not None else None
         batch, length, _ = text.shape
         query = self.q_proj(self.text_norm(text)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         out = attend(query, key, value, allowed, implementation, self.scaling).reshape(batch, length, -1)
@@ -439,13 +446,17 @@ class VisorPromptState:
     text_valid: torch.Tensor  # (B, Nt + t) keys of text-only layers that are not padding
     active: torch.Tensor  # (B, L) the sample's configuration contains layer l
     active_host: torch.Tensor  # the same on the CPU: Python decides which layers run without waiting for the GPU
+    sample_has_visual: torch.Tensor  # (B,) on the CPU
+    dense_padded: bool  # some key of the dense sequence is padding (then masks are tensors, else None)
+    text_padded: bool  # the same for the left-padded text-only stream
+    visual_padded: bool  # the same for the visual tokens that cross-attention reads
     dense_layers: list[bool]  # layer l caches visual + text (some sample runs it on the visual tokens)
     visual_valid: torch.Tensor  # (B, Nv)
     cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V)
     seq_length: int = 0  # dense length seen so far (prompt + decoded)
 
     def index_select(self, index: torch.Tensor) -> None:
-        for name in ("is_visual", "dense_valid", "text_valid", "active", "active_host", "visual_valid"):
+        for name in ("is_visual", "dense_valid", "text_valid", "active", "active_host", "sample_has_visual", "visual_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
         self.cross_key_values = {
             layer: (k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
@@ -889,7 +900,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         visual_layout = VisualLayout.of(visual_image_ids) if has_visual and self.cross_attn else None
         state = VisorPromptState(
             is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
-            active_host=active_host,
+            active_host=active_host, sample_has_visual=sample_has_visual, dense_padded=not no_padding,
+            text_padded=text_padded, visual_padded=bool((counts[1] < num_visual).any()),
             dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=prompt_length,
         )
         router_logits = routing_mask = None
@@ -967,8 +979,6 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         language_model = self.language_model
         implementation = config.text_config._attn_implementation or "sdpa"
         batch, num_new = input_ids.shape
-        if bool((input_ids == config.image_token_id).any()):
-            raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
         hidden = inputs_embeds if inputs_embeds is not None else language_model.embed_tokens(input_ids)
 
         if attention_mask is None:
@@ -980,6 +990,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 f"attention_mask has {attention_mask.shape[1]} columns; expected {state.seq_length + num_new} "
                 f"(prompt and generated tokens) or {num_new} (the new tokens)"
             )
+        has_image_token, all_new_valid = torch.stack([(input_ids == config.image_token_id).any(), new_valid.all()]).tolist()
+        if has_image_token:  # (both read in one host sync)
+            raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
+        if not all_new_valid:  # padding among the new tokens: masks are needed from now on
+            state.dense_padded = state.text_padded = True
         if position_ids is None:
             position_ids = torch.arange(num_new, device=input_ids.device).unsqueeze(0) + state.seq_length
             position_ids = position_ids.expand(batch, -1)
@@ -988,14 +1003,21 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         state.text_valid = torch.cat([state.text_valid, new_valid], dim=1)
         state.dense_valid = torch.cat([state.dense_valid, new_valid], dim=1)
         state.seq_length += num_new
-        text_allowed = causal_allowed(state.text_valid, num_new)
+        # None: no padding, so attention needs no mask tensor (see `attend`)
+        text_allowed = causal_allowed(state.text_valid, num_new) if state.text_padded else None
         is_visual = F.pad(state.is_visual, (0, state.dense_valid.shape[1] - state.is_visual.shape[1]))
-        cross_allowed = state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1)
+        cross_allowed = state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1) if state.visual_padded else None
+        if cross_allowed is None and num_new > 1:  # every new token reads every visual token
+            cross_allowed = state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1)
 
         for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
             if state.dense_layers[layer_idx]:
-                skips = is_visual & ~state.active[:, layer_idx : layer_idx + 1]
-                allowed = causal_allowed(state.dense_valid & ~skips, num_new)
+                skipped = bool((state.sample_has_visual & ~state.active_host[:, layer_idx]).any())
+                if state.dense_padded or skipped:
+                    skips = is_visual & ~state.active[:, layer_idx : layer_idx + 1]
+                    allowed = causal_allowed(state.dense_valid & ~skips, num_new)
+                else:
+                    allowed = None
             else:
                 allowed = text_allowed
             hidden = decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx, implementation)
