@@ -62,3 +62,17 @@ def test_bench_prefill_token_reduction_smoke_matches_flops_and_times_the_selecti
                 assert row["flops_llm"] > target and row["kept"] <= 0.1 * dense["kept"] + 10, name
     assert sum("(=" in name for name in rows) >= 1
     assert (tmp_path / "token_reduction_smoke-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_count_ops_shows_an_unpadded_decode_step_builds_no_masks():
+    """benchmarks/count_ops.py counts operators per step; without padding VISOR's decode step calls none of the
+    mask-building operators (`causal_allowed`'s comparison, `attend`'s empty-row check) at any budget."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_ops
+
+    rows = count_ops.main(["--smoke", "--budgets", "0", "8", "--vision-tokens", "40"])
+    assert [row["model"] for row in rows] == ["dense", "VISOR 0", "VISOR 8"]
+    for row in rows[1:]:
+        assert row["decode_ops"]["aten::le"] == 0, row["decode_top"]
+        assert row["decode_ops"]["aten::any"] == 1, row["decode_top"]  # the check for image tokens, not attention
+        assert row["decode"] > rows[0]["decode"]  # the cross-attention layers are extra operators

@@ -446,17 +446,18 @@ class VisorPromptState:
     text_valid: torch.Tensor  # (B, Nt + t) keys of text-only layers that are not padding
     active: torch.Tensor  # (B, L) the sample's configuration contains layer l
     active_host: torch.Tensor  # the same on the CPU: Python decides which layers run without waiting for the GPU
-    sample_has_visual: torch.Tensor  # (B,) on the CPU
     dense_padded: bool  # some key of the dense sequence is padding (then masks are tensors, else None)
     text_padded: bool  # the same for the left-padded text-only stream
     visual_padded: bool  # the same for the visual tokens that cross-attention reads
     dense_layers: list[bool]  # layer l caches visual + text (some sample runs it on the visual tokens)
     visual_valid: torch.Tensor  # (B, Nv)
     cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V)
+    layers_all_run: set = field(default_factory=set)  # self-attention layers that every sample with an image runs
     seq_length: int = 0  # dense length seen so far (prompt + decoded)
 
     def index_select(self, index: torch.Tensor) -> None:
-        for name in ("is_visual", "dense_valid", "text_valid", "active", "active_host", "sample_has_visual", "visual_valid"):
+        # layers_all_run stays true of any selection of the samples
+        for name in ("is_visual", "dense_valid", "text_valid", "active", "active_host", "visual_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
         self.cross_key_values = {
             layer: (k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
@@ -900,7 +901,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         visual_layout = VisualLayout.of(visual_image_ids) if has_visual and self.cross_attn else None
         state = VisorPromptState(
             is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
-            active_host=active_host, sample_has_visual=sample_has_visual, dense_padded=not no_padding,
+            active_host=active_host, dense_padded=not no_padding,
             text_padded=text_padded, visual_padded=bool((counts[1] < num_visual).any()),
             dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=prompt_length,
         )
@@ -949,6 +950,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 1, restore_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden
             )
         if cache is not None:
+            runs = [set(c) for c, has_image in zip(configurations, sample_has_visual.tolist()) if has_image]
+            state.layers_all_run = set.intersection(*runs) if runs else set(range(config.num_layers))
             cache.prompt = state
         return VisorModelOutput(
             last_hidden_state=hidden, **{CACHE_FIELD: cache},
@@ -1012,8 +1015,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
         for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
             if state.dense_layers[layer_idx]:
-                skipped = bool((state.sample_has_visual & ~state.active_host[:, layer_idx]).any())
-                if state.dense_padded or skipped:
+                if state.dense_padded or layer_idx not in state.layers_all_run:
                     skips = is_visual & ~state.active[:, layer_idx : layer_idx + 1]
                     allowed = causal_allowed(state.dense_valid & ~skips, num_new)
                 else:
