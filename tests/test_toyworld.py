@@ -160,3 +160,14 @@ def test_kept_checkpoint_is_small():
     with torch.no_grad():
         model = VisorForConditionalGeneration.from_pretrained(DEFAULT_MODEL)
     assert model.config.routing_token_id is not None and len(model.config.configurations) >= 2
+
+
+def test_kept_checkpoint_carries_the_package_code():
+    """The demo loads the kept checkpoint with trust_remote_code: its code files must be the package's own (copy
+    visor_hf/{configuration,modeling,processing}_visor.py into visor_hf/toyworld/checkpoint/ after changing them)."""
+    if not os.path.exists(os.path.join(DEFAULT_MODEL, "config.json")):
+        pytest.skip("no kept checkpoint yet")
+    package = os.path.dirname(os.path.dirname(DEFAULT_MODEL))
+    for name in ("configuration_visor.py", "modeling_visor.py", "processing_visor.py"):
+        with open(os.path.join(package, name), "rb") as ours, open(os.path.join(DEFAULT_MODEL, name), "rb") as kept:
+            assert ours.read() == kept.read(), f"{name} of the kept checkpoint differs from visor_hf/{name}"
