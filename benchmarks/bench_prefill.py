@@ -115,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-sizes", nargs="+", default=None,
                         help="with --token-reduction: one image of each HEIGHTxWIDTH (default 384x384 768x768, "
                              "+ 1152x1152 on CUDA: 1,485, 3,699 and 7,371 visual tokens)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="prompts run together (the same prompt repeated; default 1). On a GPU a larger batch "
+                             "turns launch-bound timings into arithmetic-bound ones")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (memory is sampled there)")
@@ -129,6 +132,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.batch_size > 1 and args.token_reduction:
+        parser.error("--batch-size applies without --token-reduction only (the reduction tables are per prompt)")
     if args.smoke:
         args.vision_tokens = args.vision_tokens or [32, 64]
         args.text_tokens, args.new_tokens, args.repeats = 16, 4, 1
@@ -354,17 +361,18 @@ def vision_encoder(llava, pixel_values) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def precomputed_image_features(llava, visor, features: torch.Tensor):
-    """Both models' image-feature functions return `features` (N_v, H) instead of running the vision encoder."""
+def precomputed_image_features(llava, visor, features: torch.Tensor, num_images: int = 1):
+    """Both models' image-feature functions return `features` (N_v, H) for each of `num_images` images instead of
+    running the vision encoder."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     def dense_features(*args, **kwargs):
-        return BaseModelOutputWithPooling(pooler_output=[features]) if TRANSFORMERS_V5 else [features]
+        return BaseModelOutputWithPooling(pooler_output=[features] * num_images) if TRANSFORMERS_V5 else [features] * num_images
 
     if not hasattr(visor.model, "visual_features"):
         raise AttributeError("VisorModel.visual_features is gone: update precomputed_image_features")
     llava.model.get_image_features = dense_features  # instance attributes shadow the methods
-    visor.model.visual_features = lambda *args, **kwargs: [features]
+    visor.model.visual_features = lambda *args, **kwargs: [features] * num_images
     try:
         yield
     finally:
@@ -388,7 +396,7 @@ def physical_limit(llava, visor, text_ids: torch.Tensor, features: torch.Tensor)
     projections of the visual tokens (what no VISOR configuration can skip)."""
     hidden = llava.model.language_model(input_ids=text_ids, use_cache=True).last_hidden_state
     llava.lm_head(hidden[:, -1:])
-    visual = features.unsqueeze(0)
+    visual = features.unsqueeze(0).expand(text_ids.shape[0], -1, -1)
     for cross in visor.model.cross_attn.values():
         cross.k_proj(visual), cross.v_proj(visual)
 
@@ -398,15 +406,17 @@ def bench_size(args, llava, visor, budgets, num_visual: int, clock: Clock, gener
     config, device, dtype = visor.config, args.device, getattr(torch, args.dtype)
     crop = config.vision_config.image_size
     num_crops = default_num_crops(config, num_visual)
-    input_ids = make_prompt(config, num_visual, args.text_tokens, config.routing_token_id, generator).to(device)
-    num_text = int((input_ids != config.image_token_id).sum())
-    text_ids = input_ids[input_ids != config.image_token_id].unsqueeze(0)
+    batch = args.batch_size
+    prompt = make_prompt(config, num_visual, args.text_tokens, config.routing_token_id, generator).to(device)
+    num_text = int((prompt != config.image_token_id).sum())
+    input_ids = prompt.expand(batch, -1).contiguous()
+    text_ids = prompt[prompt != config.image_token_id].unsqueeze(0).expand(batch, -1).contiguous()
     features = (0.02 * torch.randn(num_visual, config.text_config.hidden_size, generator=generator)).to(device, dtype)
-    pixel_values = torch.randn(num_crops, 3, crop, crop, generator=generator).to(device, dtype)
-    # The feature functions are replaced, so the pixels only need to exist (one image of crop x crop).
+    pixel_values = torch.randn(num_crops * batch, 3, crop, crop, generator=generator).to(device, dtype)
+    # The feature functions are replaced, so the pixels only need to exist (one image of crop x crop a prompt).
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-              "pixel_values": torch.zeros(1, 1, 3, 1, 1, device=device, dtype=dtype),
-              "image_sizes": torch.tensor([[crop, crop]], device=device)}
+              "pixel_values": torch.zeros(batch, 1, 3, 1, 1, device=device, dtype=dtype),
+              "image_sizes": torch.tensor([[crop, crop]] * batch, device=device)}
 
     entries = [("dense", llava, None)] + [(f"VISOR {b}", visor, b) for b in budgets]
     rows = {name: {"model": name, "budget": budget, "num_visual": num_visual, "num_text": num_text, "num_crops": num_crops,
@@ -414,7 +424,7 @@ def bench_size(args, llava, visor, budgets, num_visual: int, clock: Clock, gener
     limit = {"model": "physical limit", "budget": None, "num_visual": num_visual, "num_text": num_text,
              "num_crops": num_crops, "prefill_s": [], "decode_s": [], "vision_s": []}
 
-    with torch.inference_mode(), precomputed_image_features(llava, visor, features):
+    with torch.inference_mode(), precomputed_image_features(llava, visor, features, num_images=batch):
         for repeat in range(args.warmup + args.repeats):
             timed = repeat >= args.warmup
             _, seconds = clock(lambda: vision_encoder(llava, pixel_values), retry=timed)
@@ -458,15 +468,15 @@ def finish_rows(args, config, rows: list[dict], limit: dict) -> list[dict]:
             budget = tuple(row["self_attn_layers"])
         flops = count_flops(config, row["num_visual"], row["num_text"], budget, num_crops=row["num_crops"],
                             router=row["budget"] == "auto")
-        entry = flops["dense" if row is dense else "visor"]
-        row["flops_llm"], row["flops_vision"] = entry["llm"], entry["vision_encoder"]
+        entry = flops["dense" if row is dense else "visor"]  # per prompt; the batch runs args.batch_size of them
+        row["flops_llm"], row["flops_vision"] = entry["llm"] * args.batch_size, entry["vision_encoder"] * args.batch_size
         kv = kv_cache_bytes(config, row["num_visual"], row["num_text"], budget, dtype=args.dtype)
-        row["kv_bound"] = kv["dense" if row is dense else "visor"]["total"]
+        row["kv_bound"] = kv["dense" if row is dense else "visor"]["total"] * args.batch_size
         row["self_attn_layers"] = list(flops["self_attn_layers"]) if row is not dense else list(range(config.num_layers))
     zero = count_flops(config, limit["num_visual"], limit["num_text"], 0)["visor"]
     parts = zero["breakdown"]
-    limit["flops_llm"] = zero["llm"] - parts["cross_text_proj"] - parts["cross_scores"] - parts["cpe"]
-    limit["flops_vision"] = zero["vision_encoder"]
+    limit["flops_llm"] = (zero["llm"] - parts["cross_text_proj"] - parts["cross_scores"] - parts["cpe"]) * args.batch_size
+    limit["flops_vision"] = zero["vision_encoder"] * args.batch_size
     for row in rows + [limit]:
         row["ttft_s"] = row["vision_s"] + row["prefill_s"] if row is not limit else float("nan")
         row["flops_ratio"] = dense["flops_llm"] / row["flops_llm"]
@@ -626,7 +636,8 @@ def run_tag(args) -> str:
     if args.smoke:
         return "smoke-" + args.device
     return (args.device + ("-tiny-vision" if args.tiny_vision else "")
-            + ("" if args.language_model == "qwen2-0.5b" else "-" + args.language_model))
+            + ("" if args.language_model == "qwen2-0.5b" else "-" + args.language_model)
+            + ("" if args.batch_size == 1 else f"-batch{args.batch_size}"))
 
 
 def shapes_text(args) -> str:
@@ -642,7 +653,7 @@ def section(args, rows, targets, plots, command: str, clock: Clock) -> str:
     body = [
         f"Command: `{command}`",
         "",
-        f"Machine: {environment(args)}. Code: {args.code}. Shapes: {shapes}; N_t = {args.text_tokens} text tokens; batch 1; "
+        f"Machine: {environment(args)}. Code: {args.code}. Shapes: {shapes}; N_t = {args.text_tokens} text tokens; batch {args.batch_size}; "
         f"median of {args.repeats} runs after {args.warmup} warm-up; decode over {args.new_tokens} new tokens.",
         "",
         *([background_note(clock)] if not clock.cuda else []),
@@ -724,7 +735,8 @@ def main(argv=None) -> list[dict]:
     print("\n" + text)
     if args.benchmarks_md:
         title = (f"Prefill and decode: VISOR vs dense LLaVA-OV ({args.device.upper()}{', smoke' if args.smoke else ''}"
-                 f"{', ' + LANGUAGE_MODELS[args.language_model][0] if args.language_model != 'qwen2-0.5b' else ''})")
+                 f"{', ' + LANGUAGE_MODELS[args.language_model][0] if args.language_model != 'qwen2-0.5b' else ''}"
+                 f"{f', batch {args.batch_size}' if args.batch_size > 1 else ''})")
         update_markdown(Path(args.benchmarks_md), tag, title, text)
         print(f"updated {args.benchmarks_md}")
     return rows

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one go (about 10 minutes on one H100): the GPU tests, then the prefill/decode
-# benchmark (Qwen2-0.5B, then Qwen2-7B shapes) and the token-reduction benchmark in bfloat16 with SDPA. Tables go into BENCHMARKS.md's CUDA sections and
+# Everything that needs a CUDA GPU, in one go (about 11 minutes on one H100): the GPU tests, then the prefill/decode
+# benchmark (Qwen2-0.5B at batch 1 and 8, then Qwen2-7B shapes) and the token-reduction benchmark in bfloat16 with SDPA. Tables go into BENCHMARKS.md's CUDA sections and
 # benchmarks/results/*_cuda.*; logs into $LOGS (default benchmarks/results/gpu_logs).
 #
 #   bash benchmarks/gpu_run.sh
@@ -30,6 +30,8 @@ step tests $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test
 step smoke $PY benchmarks/bench_prefill.py --device cuda --smoke --output-dir /tmp/visor_smoke
 step prefill $PY benchmarks/bench_prefill.py --device cuda --dtype bfloat16 --attn sdpa \
     --vision-tokens 729 1485 2916 7290 --repeats 5 --warmup 2 --benchmarks-md BENCHMARKS.md
+step prefill_batch8 $PY benchmarks/bench_prefill.py --device cuda --dtype bfloat16 --attn sdpa --batch-size 8 \
+    --vision-tokens 1485 2916 --repeats 3 --warmup 1 --new-tokens 16 --benchmarks-md BENCHMARKS.md
 step prefill_7b $PY benchmarks/bench_prefill.py --device cuda --dtype bfloat16 --attn sdpa --language-model qwen2-7b \
     --vision-tokens 2916 7290 --repeats 3 --warmup 1 --new-tokens 16 --benchmarks-md BENCHMARKS.md
 step token_reduction $PY benchmarks/bench_prefill.py --device cuda --dtype bfloat16 --attn sdpa \

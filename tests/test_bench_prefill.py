@@ -76,3 +76,22 @@ def test_count_ops_shows_an_unpadded_decode_step_builds_no_masks():
         assert row["decode_ops"]["aten::le"] == 0, row["decode_top"]
         assert row["decode_ops"]["aten::any"] == 1, row["decode_top"]  # the check for image tokens, not attention
         assert row["decode"] > rows[0]["decode"]  # the cross-attention layers are extra operators
+
+
+def test_bench_prefill_batch_counts_every_prompt(tmp_path):
+    """--batch-size 2: the KV cache measured after prefill is twice one prompt's bound (so both prompts ran), and
+    the FLOPs reported are the batch's."""
+    script = str(ROOT / "benchmarks" / "bench_prefill.py")
+
+    def rows(batch):
+        out = tmp_path / f"b{batch}"
+        command = [sys.executable, script, "--smoke", "--vision-tokens", "32", "--budgets", "0", "8",
+                   "--batch-size", str(batch), "--output-dir", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return {row["model"]: row for row in json.loads((out / "prefill_smoke-cpu.json").read_text())["rows"]}
+
+    one, two = rows(1), rows(2)
+    for model in ["dense", "VISOR 0", "VISOR 8"]:
+        assert two[model]["kv_bytes"] == two[model]["kv_bound"] == 2 * one[model]["kv_bytes"]
+        assert two[model]["flops_llm"] == 2 * one[model]["flops_llm"]
