@@ -33,6 +33,8 @@ Usage:
     python benchmarks/bench_prefill.py --tiny-vision --benchmarks-md BENCHMARKS.md  # CPU, real LLM shapes
     python benchmarks/bench_prefill.py --device cuda --dtype bfloat16 --attn sdpa --vision-tokens 729 1485 2916 7290 \\
         --benchmarks-md BENCHMARKS.md
+    python benchmarks/bench_prefill.py --device cuda --language-model qwen2-7b --vision-tokens 2916 7290  # compute-bound
+    python benchmarks/bench_prefill.py --device cuda --batch-size 8 --vision-tokens 2916                # throughput
 """
 
 from __future__ import annotations
