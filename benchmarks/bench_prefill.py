@@ -603,8 +603,12 @@ def plot(rows: list[dict], output_dir: Path, tag: str) -> list[Path]:
 
 
 def code_version() -> str:
-    """The commit the package was imported from, and whether the modeling file differs from it."""
+    """The commit the package was imported from, and whether the modeling file differs from it. VISOR_CODE_VERSION
+    overrides it, for copies of the tree whose git metadata is not the code's (e.g. a tree sent to a GPU machine)."""
     import subprocess
+
+    if os.environ.get("VISOR_CODE_VERSION"):
+        return os.environ["VISOR_CODE_VERSION"]
 
     import visor_hf.modeling_visor as modeling
 

@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_run.sh
 #
-# Each step runs even if an earlier one failed; the exit status is the number of failed steps.
+# Each step runs even if an earlier one failed; the exit status is the number of failed steps. Where the tree's git
+# metadata is not the code's (a copy sent to a GPU machine), set VISOR_CODE_VERSION=<commit> for the tables' "Code:".
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
