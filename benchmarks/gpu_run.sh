@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one go (about 11 minutes on one H100): the GPU tests, then the prefill/decode
+# Everything that needs a CUDA GPU, in one go (about 12 minutes on one H100, estimated from runs of its steps): the GPU tests, then the prefill/decode
 # benchmark (Qwen2-0.5B at batch 1 and 8, then Qwen2-7B shapes) and the token-reduction benchmark in bfloat16 with SDPA. Tables go into BENCHMARKS.md's CUDA sections and
 # benchmarks/results/*_cuda.*; logs into $LOGS (default benchmarks/results/gpu_logs).
 #
