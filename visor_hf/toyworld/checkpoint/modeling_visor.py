@@ -446,13 +446,13 @@ class VisorPromptState:
     text_valid: torch.Tensor  # (B, Nt + t) keys of text-only layers that are not padding
     active: torch.Tensor  # (B, L) the sample's configuration contains layer l
     active_host: torch.Tensor  # the same on the CPU: Python decides which layers run without waiting for the GPU
+    layers_all_run: set[int]  # layers that every sample with visual tokens runs (no visual key to hide there)
     dense_padded: bool  # some key of the dense sequence is padding (then masks are tensors, else None)
     text_padded: bool  # the same for the left-padded text-only stream
     visual_padded: bool  # the same for the visual tokens that cross-attention reads
     dense_layers: list[bool]  # layer l caches visual + text (some sample runs it on the visual tokens)
     visual_valid: torch.Tensor  # (B, Nv)
     cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V)
-    layers_all_run: set = field(default_factory=set)  # self-attention layers that every sample with an image runs
     seq_length: int = 0  # dense length seen so far (prompt + decoded)
 
     def index_select(self, index: torch.Tensor) -> None:
@@ -693,6 +693,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             active[b, list(configuration)] = True
         return active
 
+    def _layers_all_run(self, configurations: list, sample_has_visual: list[bool]) -> set[int]:
+        """Layers that every sample with visual tokens runs: there no visual key needs hiding by a mask."""
+        runs = [set(c) for c, has_visual in zip(configurations, sample_has_visual) if has_visual]
+        return set.intersection(*runs) if runs else set(range(self.config.num_layers))
+
     # ---- visual tokens -------------------------------------------------------------------------
 
     def visual_features(self, pixel_values, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
@@ -862,7 +867,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         counts = torch.stack([is_text.sum(1), is_visual.sum(1), (is_text & attention_mask).sum(1), attention_mask.all(1)])
         counts = counts.cpu()  # (4, B)
         num_text, num_visual = int(counts[0].max()), int(counts[1].max())
-        sample_has_visual = counts[1] > 0  # (B,)
+        sample_has_visual = (counts[1] > 0).tolist()
         no_padding = bool(counts[3].all())
         order = torch.argsort(is_text.to(torch.int8), dim=1, stable=True)  # visual positions first, then text
         text_index = order[:, length - num_text :]  # (B, Nt)
@@ -901,7 +906,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         visual_layout = VisualLayout.of(visual_image_ids) if has_visual and self.cross_attn else None
         state = VisorPromptState(
             is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
-            active_host=active_host, dense_padded=not no_padding,
+            active_host=active_host, layers_all_run=self._layers_all_run(provisional, sample_has_visual),
+            dense_padded=not no_padding,
             text_padded=text_padded, visual_padded=bool((counts[1] < num_visual).any()),
             dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=prompt_length,
         )
@@ -917,13 +923,14 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 configurations, router_logits, routing_mask = self._route(input_ids, text_index, text, configurations)
                 active_host = state.active_host = self._active_layers(configurations)
                 active = state.active = active_host.to(device)
+                state.layers_all_run = self._layers_all_run(configurations, sample_has_visual)
             if route_only and layer_idx >= config.router_layer:
                 break
             if has_visual and bool(active_host[:, layer_idx].any()):
                 state.dense_layers[layer_idx] = True
                 # Samples that skip this layer: their visual keys are hidden, their visual tokens kept.
                 skips = is_visual & ~active[:, layer_idx : layer_idx + 1]
-                if no_padding and not bool((sample_has_visual & ~active_host[:, layer_idx]).any()):
+                if no_padding and layer_idx in state.layers_all_run:
                     allowed = None
                 else:  # (B, 1, S, S)
                     allowed = causal_allowed(attention_mask & ~skips, length)
@@ -950,8 +957,6 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 1, restore_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden
             )
         if cache is not None:
-            runs = [set(c) for c, has_image in zip(configurations, sample_has_visual.tolist()) if has_image]
-            state.layers_all_run = set.intersection(*runs) if runs else set(range(config.num_layers))
             cache.prompt = state
         return VisorModelOutput(
             last_hidden_state=hidden, **{CACHE_FIELD: cache},
@@ -1009,9 +1014,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         # None: no padding, so attention needs no mask tensor (see `attend`)
         text_allowed = causal_allowed(state.text_valid, num_new) if state.text_padded else None
         is_visual = F.pad(state.is_visual, (0, state.dense_valid.shape[1] - state.is_visual.shape[1]))
-        cross_allowed = state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1) if state.visual_padded else None
-        if cross_allowed is None and num_new > 1:  # every new token reads every visual token
-            cross_allowed = state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1)
+        # every new token reads every visual token: a mask only for padding, or for several queries (None is causal)
+        cross_allowed = None if not state.visual_padded and num_new == 1 else (
+            state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1)
+        )
 
         for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
             if state.dense_layers[layer_idx]:
