@@ -79,6 +79,7 @@ QWEN2_7B = dict(
     rms_norm_eps=1e-6, tie_word_embeddings=False,
 )
 LANGUAGE_MODELS = {"qwen2-0.5b": ("Qwen2-0.5B", QWEN2_05B), "qwen2-7b": ("Qwen2-7B", QWEN2_7B)}
+DEFAULT_LANGUAGE_MODEL = "qwen2-0.5b"
 SIGLIP_400M = dict(
     model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
     num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False,
@@ -123,8 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (memory is sampled there)")
-    parser.add_argument("--language-model", default="qwen2-0.5b", choices=sorted(LANGUAGE_MODELS),
-                        help="shapes of the language model (default qwen2-0.5b; qwen2-7b: about 50 GB of GPU memory while the models are built in float32, 31 GB after)")
+    parser.add_argument("--language-model", default=DEFAULT_LANGUAGE_MODEL, choices=sorted(LANGUAGE_MODELS),
+                        help=f"shapes of the language model (default {DEFAULT_LANGUAGE_MODEL}; qwen2-7b: about 50 GB "
+                             "of GPU memory while the models are built in float32, 31 GB after)")
     parser.add_argument("--tiny-vision", action="store_true", help="a one-layer 64-wide vision tower (isolates the LLM)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks the script in seconds")
@@ -369,7 +371,8 @@ def precomputed_image_features(llava, visor, features: torch.Tensor, num_images:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     def dense_features(*args, **kwargs):
-        return BaseModelOutputWithPooling(pooler_output=[features] * num_images) if TRANSFORMERS_V5 else [features] * num_images
+        per_image = [features] * num_images
+        return BaseModelOutputWithPooling(pooler_output=per_image) if TRANSFORMERS_V5 else per_image
 
     if not hasattr(visor.model, "visual_features"):
         raise AttributeError("VisorModel.visual_features is gone: update precomputed_image_features")
@@ -642,7 +645,7 @@ def run_tag(args) -> str:
     if args.smoke:
         return "smoke-" + args.device
     return (args.device + ("-tiny-vision" if args.tiny_vision else "")
-            + ("" if args.language_model == "qwen2-0.5b" else "-" + args.language_model)
+            + ("" if args.language_model == DEFAULT_LANGUAGE_MODEL else "-" + args.language_model)
             + ("" if args.batch_size == 1 else f"-batch{args.batch_size}"))
 
 
@@ -741,7 +744,7 @@ def main(argv=None) -> list[dict]:
     print("\n" + text)
     if args.benchmarks_md:
         title = (f"Prefill and decode: VISOR vs dense LLaVA-OV ({args.device.upper()}{', smoke' if args.smoke else ''}"
-                 f"{', ' + LANGUAGE_MODELS[args.language_model][0] if args.language_model != 'qwen2-0.5b' else ''}"
+                 f"{', ' + LANGUAGE_MODELS[args.language_model][0] if args.language_model != DEFAULT_LANGUAGE_MODEL else ''}"
                  f"{f', batch {args.batch_size}' if args.batch_size > 1 else ''})")
         update_markdown(Path(args.benchmarks_md), tag, title, text)
         print(f"updated {args.benchmarks_md}")
