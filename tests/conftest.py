@@ -23,9 +23,8 @@ def perturb_new_parameters(model, seed=0):
     """Move every VISOR-only parameter (gates, CPE, cross-attention) away from its identity init."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".cross_attn." in name or ".router." in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+        for param in model.new_parameters().values():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
     return model
 
 

@@ -18,8 +18,15 @@ Usage:
 
 from __future__ import annotations
 
+import transformers
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
+
+# The one switch between the two supported transformers lines (4.57.x and 5.x); every other file imports it.
+TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+# The code files a Hub repository carries next to the weights (they import only each other, torch, transformers, PIL).
+HUB_CODE_FILES = ("configuration_visor.py", "modeling_visor.py", "processing_visor.py")
 
 try:  # transformers >= 5
     from transformers.configuration_utils import SubConfigSpec

@@ -40,7 +40,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-import transformers
 from torch import nn
 from transformers import DynamicCache, GenerationMixin
 from transformers.models.llava_onevision.modeling_llava_onevision import (
@@ -51,9 +50,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 from transformers.utils import ModelOutput
 
-from .configuration_visor import BUDGET_HELP, VisorConfig, validate_token_reduction
+from .configuration_visor import BUDGET_HELP, HUB_CODE_FILES, TRANSFORMERS_V5, VisorConfig, validate_token_reduction
 
-TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 CACHE_FIELD = "cache" if TRANSFORMERS_V5 else "past_key_values"  # where generate() looks for the cache
 
 try:  # transformers >= 5 initialises through wrappers that respect already-loaded weights
@@ -432,6 +430,31 @@ def attention_received(queries: torch.Tensor, keys: torch.Tensor, num_heads: int
     return torch.stack(scores)
 
 
+NEW_MODULE_TYPES = (VisorCrossAttention, VisorRouter, VisorTokenPacker)  # what VISOR adds to LLaVA-OneVision
+
+
+def init_new_module(module: nn.Module, std: float) -> None:
+    """The one initialisation of a new part, as identity: gate and CPE zero, norms one, packer the mean of its group,
+    router MLP normal(0, std) with zero biases (untrained: the default budget stays "full"). Cross-attention
+    projections get the same normal init here; `VisorPreTrainedModel.init_new_parameters` then copies them.
+    Written with transformers' init functions, which on 5.x leave weights already loaded from a checkpoint alone."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                _init.normal_(sub.weight, mean=0.0, std=std)
+                if sub.bias is not None:
+                    _init.zeros_(sub.bias)
+            elif isinstance(sub, Qwen2RMSNorm):
+                _init.ones_(sub.weight)
+            elif isinstance(sub, VisorCPE):
+                _init.zeros_(sub.weight)
+                _init.zeros_(sub.bias)
+            elif isinstance(sub, VisorCrossAttention):
+                _init.zeros_(sub.gate)
+            elif isinstance(sub, VisorTokenPacker) and not getattr(sub.weight, "_is_hf_initialized", False):
+                sub.reset_to_mean()
+
+
 # --------------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------------
@@ -542,14 +565,36 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        # The new parts start as identity: a grafted model is the base model until training moves it.
-        if isinstance(module, VisorCrossAttention):
-            _init.zeros_(module.gate)
-        elif isinstance(module, VisorCPE):
-            _init.zeros_(module.weight)
-            _init.zeros_(module.bias)
-        elif isinstance(module, VisorTokenPacker) and not getattr(module.weight, "_is_hf_initialized", False):
-            module.reset_to_mean()
+        if isinstance(module, NEW_MODULE_TYPES):
+            init_new_module(module, self.config.text_config.initializer_range)
+
+    # ---- VISOR's new parts (torchtune's `fusion_params()`): the one place that says what is new ----------------
+
+    def new_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters LLaVA-OneVision does not have (cross-attention with its gate and CPE, router, VISOR-TR packing
+        layer), by name as in `named_parameters()`. The converter, the trainer and the tests ask this method. The
+        routing token's embedding row is new too, but it is a row of a pre-trained matrix, not a parameter."""
+        prefixes = tuple(f"{name}." for name, module in self.named_modules() if isinstance(module, NEW_MODULE_TYPES))
+        return {name: param for name, param in self.named_parameters() if name.startswith(prefixes)}
+
+    def init_new_parameters(self, base_weight=None) -> None:
+        """Start every new part as identity (the one initialisation, see `init_new_module`), and copy each
+        cross-attention's q/k/v/o projections from the same layer's self-attention (a warm start that the zero gate
+        keeps inert). `base_weight(name) -> tensor` reads a LLaVA-OneVision weight by its name in this model
+        (default: this model's own weights); the converter passes a reader of the source checkpoint."""
+        base_weight = base_weight or (lambda name: self.get_parameter(name))
+        std = self.config.text_config.initializer_range
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if not isinstance(module, NEW_MODULE_TYPES):
+                    continue
+                init_new_module(module, std)
+                if isinstance(module, VisorCrossAttention):
+                    layer = name.rsplit(".", 1)[-1]
+                    base = name.removesuffix(f"cross_attn.{layer}") + f"language_model.layers.{layer}.self_attn"
+                    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                        for kind, param in getattr(module, proj).named_parameters():
+                            param.copy_(base_weight(f"{base}.{proj}.{kind}"))
 
     # ---- checkpoints readable by transformers 4.57 and 5.x -----------------------------------------
     # 5.x holds SigLIP's weights without the `vision_model.` level and also saves them that way; 4.57 then
@@ -617,7 +662,7 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
         super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         self.make_config_portable(save_directory)
         code_dir = os.path.dirname(os.path.abspath(__file__))
-        for name in ("configuration_visor.py", "modeling_visor.py", "processing_visor.py"):
+        for name in HUB_CODE_FILES:
             source = os.path.join(code_dir, name)
             target = os.path.join(save_directory, name)
             if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(target):
@@ -1172,10 +1217,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             if target[key].shape != tensor.shape:
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} in LLaVA-OneVision, {tuple(target[key].shape)} in VISOR")
         model.load_state_dict(source, strict=False)
-        for layer_idx, cross in model.model.cross_attn.items():
-            attn = model.model.language_model.layers[int(layer_idx)].self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(cross, name).load_state_dict(getattr(attn, name).state_dict())
+        model.init_new_parameters()
         if config.tie_word_embeddings:
             model.tie_weights()
         return model.to(next(llava_model.parameters()).device)

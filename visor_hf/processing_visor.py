@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import math
 
-import transformers
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig, ProcessorMixin
 from transformers.image_processing_utils import select_best_resolution
 
-TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+from .configuration_visor import TRANSFORMERS_V5
 # The PIL image processor of LLaVA-OneVision on each line (on 5.x the unsuffixed name is the torchvision one).
 IMAGE_PROCESSOR_CLASS = "LlavaOnevisionImageProcessorPil" if TRANSFORMERS_V5 else "LlavaOnevisionImageProcessor"
 
