@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration_visor import VisorConfig, validate_token_reduction
+from .configuration_visor import VisorConfig, num_visual_tokens, validate_token_reduction
 
 LM_HEAD_CHOICES = ("last", "all", "none")
 
@@ -140,6 +140,7 @@ def cross_attention_flops(dims: TextDims, num_text: int, num_visual: int, cpe_ke
 
 
 def tokens_per_crop(config) -> int:
+    """SigLIP's sequence length on one crop (what the vision encoder's FLOPs scale with)."""
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
 
@@ -152,6 +153,8 @@ def num_crops_for_image(config, image_size) -> int:
 
 
 def default_num_crops(config, num_vision_tokens: int) -> int:
+    """Crops for a visual-token count given without an image (benchmarks' N_v = 729, 2916, ...): the nearest
+    whole number of crops. For an image, `num_crops_for_image` is exact."""
     if num_vision_tokens <= 0:
         return 0
     return max(1, round(num_vision_tokens / tokens_per_crop(config)))
@@ -201,16 +204,21 @@ def _summary(vision: dict[str, int], llm: dict[str, int]) -> dict:
 def token_reduction_counts(config, image_size, token_reduction) -> dict:
     """Visual tokens of one image before and after `token_reduction`, and the selection's FLOPs.
 
-    Returns {"num_vision_tokens": N_v, "kept": N_v', "num_crops": crops, "selection": FLOPs (int)}. The counts
-    follow `modeling_visor.reduce_image_tokens` exactly (newlines kept, ceil(n * keep_ratio) per segment)."""
-    from .modeling_visor import image_token_layout, reduction_segments
-
+    Returns {"num_vision_tokens": N_v, "kept": N_v', "num_crops": crops, "selection": FLOPs (int)}. N_v is the
+    package's one count (`configuration_visor.num_visual_tokens`); the kept tokens follow
+    `modeling_visor.reduce_image_tokens` exactly (newlines kept, ceil(n * keep_ratio) per segment), on the segments
+    of the model's per-token layout (`image_token_layout`)."""
     config = as_visor_config(config)
     setting = validate_token_reduction(token_reduction)
-    (is_newline, _, base_length), = image_token_layout(config, [image_size])
-    total, crops = int(is_newline.shape[0]), num_crops_for_image(config, image_size)
+    total, crops = num_visual_tokens(config, image_size), num_crops_for_image(config, image_size)
     if setting is None:
         return {"num_vision_tokens": total, "kept": total, "num_crops": crops, "selection": 0}
+    from .modeling_visor import image_token_layout, reduction_segments  # only reduction needs the token layout
+
+    (is_newline, _, base_length), = image_token_layout(config, [image_size])
+    if is_newline.shape[0] != total:  # both follow LLaVA-OneVision's packing: a difference is a bug, not bad input
+        raise RuntimeError(f"image {tuple(image_size)}: the token layout has {is_newline.shape[0]} tokens, "
+                         f"num_visual_tokens counts {total}")
     hidden = config.text_config.hidden_size
     kept, selection = int(is_newline.sum()), 0
     for segment in reduction_segments(is_newline, base_length, setting["method"]):
@@ -259,7 +267,7 @@ def keep_ratio_for_flops(config, image_size, num_text_tokens: int, method: str, 
     if method not in ("visionzip", "vispruner"):
         raise ValueError(f"keep_ratio_for_flops: method={method!r}; allowed: 'visionzip', 'vispruner' (dense "
                          "LLaVA-OneVision has no packing layer)")
-    num_visual = token_reduction_counts(config, image_size, None)["num_vision_tokens"]
+    num_visual = num_visual_tokens(config, image_size)
 
     def llm(ratio: float) -> float:
         reduction = {"method": method, "keep_ratio": ratio, **setting}

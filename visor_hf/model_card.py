@@ -11,10 +11,9 @@ Usage:
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
+from .configuration_visor import num_visual_tokens  # the one count of visual tokens (re-exported here)
 from .flops import count_flops, num_crops_for_image
-from .processing_visor import VisorProcessor
 
 TYPICAL_IMAGE = (480, 640)  # (height, width): a VGA photo
 TYPICAL_TEXT_TOKENS = 64
@@ -27,18 +26,6 @@ def source_license(readme_text: str | None) -> str | None:
     front = readme_text.split("---", 2)[1]
     match = re.search(r"^license:\s*(\S+)\s*$", front, flags=re.MULTILINE)
     return match.group(1).strip("'\"") if match else None
-
-
-def num_visual_tokens(config, image_size) -> int:
-    """Visual tokens LLaVA-OneVision makes from one image of `image_size` (H, W), counted as the processor does."""
-    crop = config.vision_config.image_size
-    counter = SimpleNamespace(
-        num_image_tokens=(crop // config.vision_config.patch_size) ** 2,
-        image_processor=SimpleNamespace(image_grid_pinpoints=config.image_grid_pinpoints),
-        vision_aspect_ratio=config.vision_aspect_ratio,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-    )
-    return VisorProcessor.num_image_tokens_of(counter, image_size[0], image_size[1], crop, crop)
 
 
 def flops_table(config, image_size=TYPICAL_IMAGE, num_text_tokens: int = TYPICAL_TEXT_TOKENS) -> list[dict]:

@@ -13,6 +13,8 @@ import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
+from .configuration_visor import num_visual_tokens
+
 IMAGE_TOKEN_ID = 250
 PAD_TOKEN_ID = 0
 
@@ -48,14 +50,10 @@ def tiny_llava_onevision(seed: int = 0, **config_kwargs) -> LlavaOnevisionForCon
 
 
 def num_image_tokens(model, image_size) -> int:
-    """Visual tokens LLaVA-OneVision makes from one image of `image_size` (H, W), computed by the model."""
-    config = model.config
-    patches = image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
-    pixel_values = torch.zeros(1, patches, 3, config.vision_config.image_size, config.vision_config.image_size)
-    with torch.no_grad():
-        out = model.model.get_image_features(pixel_values, torch.tensor([image_size]))
-    features = getattr(out, "pooler_output", out)
-    return features[0].shape[0]
+    """Visual tokens LLaVA-OneVision makes from one image of `image_size` (H, W) alone in its sample: the package's
+    one count (`configuration_visor.num_visual_tokens`), for a model or a config. `tests/test_visual_token_count.py`
+    checks that count against what transformers' model makes."""
+    return num_visual_tokens(getattr(model, "config", model), image_size)
 
 
 def tiny_inputs(model, image_sizes, prompt_lengths, seed: int = 0, left_pad: bool = True) -> dict:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import transformers
 from transformers import LlavaOnevisionConfig
 
+from ..configuration_visor import num_visual_tokens as count_visual_tokens
 from ..processing_visor import CHAT_TEMPLATE, IMAGE_TOKEN, ROUTING_TOKEN, VisorProcessor
 from .world import CANVAS, vocabulary
 
@@ -165,5 +166,5 @@ def dense_processor(tokenizer, processor_of_images) -> VisorProcessor:
 
 
 def num_visual_tokens() -> int:
-    grid = CANVAS // PATCH
-    return (CROP // PATCH) ** 2 + grid * grid + grid
+    """Visual tokens of one toy-world image (CANVAS x CANVAS pixels): 88, asked of the package's one count."""
+    return count_visual_tokens(dense_config(), (CANVAS, CANVAS))
