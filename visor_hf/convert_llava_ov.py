@@ -8,35 +8,49 @@ Design choices:
 - Declarative. `KEY_MAP` renames each source key to its VISOR checkpoint key; it covers the layouts checkpoints come
   in: transformers 4.x on disk (`language_model.model.*`, `language_model.lm_head`, `vision_tower.vision_model.*`,
   `multi_modal_projector.*`, `image_newline`), 5.x on disk (SigLIP without `vision_model.`) and the `model.*` names
-  of 4.52+/5.x in memory. `NEW_PARAMETERS` says how each VISOR-only weight starts. The expected keys and shapes are
-  those of `VisorForConditionalGeneration` built on the meta device; a missing, unexpected or doubled key, or any
-  shape mismatch, is a `ValueError` naming it, before anything is written.
-- Streaming. Keys and shapes come from the safetensors headers; tensors are read one at a time (`safe_open`) into the
-  output shard being written and released with it, so peak memory stays near one shard (`--max-shard-size`), well
-  under a copy of the weights. Pickle `.bin` checkpoints are refused: unpickling can run code.
+  of 4.52+/5.x in memory. The expected keys, shapes and dtypes are those of `VisorForConditionalGeneration` built on
+  the meta device; a missing, unexpected or doubled key, a shape mismatch, a non-floating weight or an unreadable
+  source file is an error naming it, before anything is written.
+- The model owns what is new. `VisorPreTrainedModel.new_parameters()` names VISOR's new parameters and
+  `init_new_parameters(base_weight)` is their one initialisation (identity: gates and CPE at zero, norms at one,
+  cross-attention projections copied from the same layer's self-attention, read here from the source checkpoint,
+  router MLP normal(0, initializer_range), seeded so that a conversion is reproducible). Only the new modules of
+  the meta model are materialised for it. The routing token's embedding row is the converter's own job (below).
+- Streaming. Keys and shapes come from the safetensors headers; tensors are read one at a time (`safe_open`) into
+  the output shard being written and released with it, so peak memory stays near one shard (`--max-shard-size`,
+  plus VISOR's new parameters), well under a copy of the weights. Every tensor read is checked to be finite.
+  Pickle `.bin` checkpoints are refused: unpickling can run code.
+- Nothing lost, nothing half-written. The folder is written into a temporary sibling of `--dst` (same filesystem),
+  verified completely (every key and shape, the index, the folder loads with `from_pretrained` on the meta device,
+  the processor loads with the right token ids), then moved into place by a rename. A non-empty `--dst` is refused
+  unless `--overwrite`; then the old folder and the new one swap places in one atomic `renameat2(RENAME_EXCHANGE)`
+  (Linux) and the old one is deleted afterwards. Killed at any moment, `--dst` is the old folder intact or the new
+  one complete, never a mix, and never holds stale weight files. (Where the atomic exchange is unavailable, the old
+  folder is renamed aside first: a kill between the two renames leaves no `--dst`, with the old folder intact beside
+  it.) Leftovers of a killed conversion are hidden siblings `.<dst name>.converting-<pid>-*`, removed by the next
+  conversion to the same `--dst`.
 - On-disk layout: 4.57's (`VisorPreTrainedModel.checkpoint_key`, SigLIP under `vision_tower.vision_model.`), which
   both lines load with zero missing keys; `lm_head.weight` is not written when the embeddings are tied.
-- New parts start as identity, as `VisorForConditionalGeneration.from_llava_onevision` makes them: gates and CPE at
-  zero, norms at one, cross-attention projections copied from the same layer's self-attention, router MLP with the
-  usual normal(0, initializer_range) weights (untrained: the default budget stays "full").
 - Routing token `<|visor_route|>`: added to the tokenizer as a special token at the next free id by editing the
-  source's tokenizer files in place (they are carried as they are, so 4.57 and 5.x both read them), and
+  source's tokenizer files (they are carried as they are, so 4.57 and 5.x both read them), and
   `config.routing_token_id` set. Its embedding row (and lm_head row when untied) starts at the mean of the rows the
   tokenizer uses; the embedding grows by one row only if that id is past the vocabulary (Qwen2 has spare rows).
 - Output folder: weights (+ index when sharded), `config.json` (full `auto_map`, RoPE fields of both lines),
   `generation_config.json`, the three Hub code files, processor files (tokenizer files, `preprocessor_config.json`,
-  `processor_config.json`, `chat_template.jinja`), LICENSE files, and a model card. `--push-to-hub` uploads the folder
-  in one commit.
+  `processor_config.json`, `chat_template.jinja`), LICENSE files, and a model card. `--push-to-hub` uploads the
+  folder in one commit, once it is in place.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +60,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .configuration_visor import VisorConfig
+from .configuration_visor import HUB_CODE_FILES, VisorConfig
 from .model_card import model_card, source_license
 from .modeling_visor import VisorForConditionalGeneration, VisorPreTrainedModel
 from .processing_visor import CHAT_TEMPLATE, IMAGE_TOKEN, ROUTING_TOKEN, VisorProcessor
@@ -69,26 +83,14 @@ KEY_MAP = [
     (r"^lm_head\.(.+)$", r"lm_head.\1"),
 ]
 
-# VISOR-only weights (keys under these prefixes) and how each starts.
-NEW_PREFIXES = ("model.cross_attn.", "model.router.")
-NEW_PARAMETERS = [
-    (r"^model\.cross_attn\.(\d+)\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$",
-     r"copy:model.language_model.layers.\1.self_attn.\2.\3"),
-    (r"^model\.cross_attn\.\d+\.gate$", "zeros"),
-    (r"^model\.cross_attn\.\d+\.cpe\.(weight|bias)$", "zeros"),
-    (r"^model\.cross_attn\.\d+\.(visual_norm|text_norm)\.weight$", "ones"),
-    (r"^model\.router\.norm\.weight$", "ones"),
-    (r"^model\.router\.fc\d\.weight$", "normal"),
-    (r"^model\.router\.fc\d\.bias$", "zeros"),
-]
-
 EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# safetensors dtype names of floating-point tensors: what a LLaVA-OneVision weight may be stored as
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "tokenizer.model",
 )
-CODE_FILES = ("configuration_visor.py", "modeling_visor.py", "processing_visor.py")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "README.md", "LICENSE*"]
 
 
@@ -194,7 +196,7 @@ def index_source_weights(src_dir: Path, src) -> dict[str, SourceTensor]:
         )
     tensors = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key in tensors:
                     raise ValueError(f"{src}: tensor {key} is stored twice ({tensors[key].file.name} and {file.name})")
@@ -204,6 +206,37 @@ def index_source_weights(src_dir: Path, src) -> dict[str, SourceTensor]:
         diff = sorted(set(weight_map) ^ set(tensors))[:10]
         raise ValueError(f"{src}: model.safetensors.index.json and the shard files disagree on {diff}")
     return tensors
+
+
+def open_safetensors(file: Path):
+    """`safe_open(file)`, with an error that names the file when it is truncated or not safetensors at all (the
+    library's own message, e.g. "incomplete metadata, file not fully covered", does not)."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError (an Exception) or OSError
+        raise ValueError(
+            f"{file}: not a readable safetensors file, truncated or corrupt? ({type(error).__name__}: {error}). "
+            "Download or save it again"
+        ) from error
+
+
+def read_image_processor_config(src_dir: Path, src) -> dict:
+    """The source's image processor settings: preprocessor_config.json, or the nested `image_processor` of a 5.x
+    processor_config.json. Read before anything is written: a source without them cannot give a VISOR folder."""
+    for name, field in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = src_dir / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as error:
+                raise ValueError(f"{path}: not valid JSON ({error})") from error
+            data = data.get(field) if field else data
+            if data:
+                return data
+    raise ValueError(
+        f"{src} has no image processor config: expected preprocessor_config.json (or processor_config.json with an "
+        "'image_processor' entry) next to config.json; the VISOR processor needs it"
+    )
 
 
 def map_source_keys(source_keys, src) -> dict[str, str]:
@@ -291,52 +324,173 @@ def _edit_tokenizer_config(data: dict, token_id: int, entry: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Destination: refuse to clobber, write beside, swap in atomically
+# --------------------------------------------------------------------------------------------------
+
+STAGING_MARK = ".converting-"  # hidden siblings `.<dst name>.converting-<pid>-<random>` of a conversion under way
+
+
+def check_destination(dst_dir: Path, src_dir: Path, overwrite: bool) -> Path:
+    """`dst_dir` made absolute. A file, a non-empty folder without `overwrite`, or a folder holding the source is
+    refused, so a user's files are never touched by accident."""
+    dst_dir = Path(os.path.abspath(dst_dir))
+    if dst_dir.resolve() == src_dir.resolve():
+        raise ValueError(f"--dst {dst_dir} is the source folder: write the VISOR checkpoint elsewhere")
+    if src_dir.resolve().is_relative_to(dst_dir.resolve()):
+        raise ValueError(f"--dst {dst_dir} contains the source {src_dir}: replacing it would delete the source")
+    if dst_dir.exists() and not dst_dir.is_dir():
+        raise ValueError(f"--dst {dst_dir} is a file, not a folder")
+    if dst_dir.is_dir() and any(dst_dir.iterdir()) and not overwrite:
+        names = sorted(p.name for p in dst_dir.iterdir())
+        raise ValueError(
+            f"--dst {dst_dir} is not empty ({len(names)} entries: {names[:5]}); choose an empty or new folder, or pass "
+            "--overwrite (overwrite=True) to replace the whole folder with the new conversion"
+        )
+    return dst_dir
+
+
+def staging_folder(dst_dir: Path) -> Path:
+    """A new hidden folder beside `dst_dir` (same filesystem, so the final move is a rename), after removing the
+    leftovers of earlier conversions to the same folder that were killed (their process is gone)."""
+    dst_dir.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dst_dir.name}{STAGING_MARK}"
+    for leftover in dst_dir.parent.glob(f"{prefix}*"):
+        pid = leftover.name.removeprefix(prefix).split("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=dst_dir.parent))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def publish(staging: Path, dst_dir: Path) -> None:
+    """Move the complete, verified `staging` folder to `dst_dir`, so that `dst_dir` is always either what it was or
+    the new folder. An absent or empty `dst_dir` is replaced by one rename; a non-empty one (`--overwrite`) swaps
+    places with `staging` in one atomic exchange, and the old folder, now at `staging`, is deleted after."""
+    if not dst_dir.exists() or not any(dst_dir.iterdir()):
+        os.replace(staging, dst_dir)  # rename(2) replaces an empty folder atomically
+        return
+    if exchange_paths(staging, dst_dir):
+        remove_folder(staging)  # the old folder
+        return
+    # No atomic exchange (not Linux, or a filesystem without it): old folder aside, then the new one in place.
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}{STAGING_MARK}{os.getpid()}-old-", dir=dst_dir.parent))
+    os.replace(dst_dir, aside / dst_dir.name)
+    try:
+        os.replace(staging, dst_dir)
+    except OSError:
+        os.replace(aside / dst_dir.name, dst_dir)  # put the old folder back
+        raise
+    remove_folder(aside)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where that is unavailable."""
+    rename_exchange, at_fdcwd = 2, -100
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28, or not Linux
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the kernel or filesystem cannot exchange
+        return False
+    raise OSError(error, f"cannot swap {a} and {b}: {os.strerror(error)}")
+
+
+def remove_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------------
 
 
-def expected_weights(config: VisorConfig) -> dict[str, tuple[int, ...]]:
-    """VISOR checkpoint key -> shape, from the model built on the meta device (no memory)."""
+def meta_model(config: VisorConfig) -> VisorForConditionalGeneration:
+    """The VISOR model on the meta device: the expected keys, shapes and dtypes, and the owner of what is new."""
     with torch.device("meta"):
-        model = VisorForConditionalGeneration(config)
+        return VisorForConditionalGeneration(config)
+
+
+def expected_weights(model: VisorForConditionalGeneration) -> dict[str, tuple[int, ...]]:
+    """VISOR checkpoint key -> shape (a tied lm_head is not written)."""
     shapes = {VisorPreTrainedModel.checkpoint_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         shapes.pop("lm_head.weight")
     return shapes
 
 
-def new_parameter_rule(key: str) -> str:
-    for pattern, rule in NEW_PARAMETERS:
-        if re.match(pattern, key):
-            return re.sub(pattern, rule, key) if rule.startswith("copy:") else rule
-    raise ValueError(f"{key}: a VISOR weight with no initialisation rule in NEW_PARAMETERS")
+def new_weight_keys(model: VisorForConditionalGeneration) -> set[str]:
+    """Checkpoint keys of VISOR's new parameters, as the model names them (`new_parameters()`)."""
+    return {VisorPreTrainedModel.checkpoint_key(name) for name in model.new_parameters()}
 
 
 class WeightReader:
-    """Reads source tensors one at a time, each from a freshly opened file, so nothing stays mapped."""
+    """Reads source tensors one at a time, each from a freshly opened file, so nothing stays mapped. Every tensor
+    is checked to be finite: a NaN or inf in a pre-trained weight is corruption, not something to convert."""
 
     def __init__(self, source: dict[str, SourceTensor], mapped: dict[str, str], dtype: torch.dtype):
         self.source, self.mapped, self.dtype = source, mapped, dtype
 
     def read(self, visor_key: str) -> torch.Tensor:
         key = self.mapped[visor_key]
-        with safe_open(self.source[key].file, framework="pt") as f:
-            tensor = f.get_tensor(key)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        file = self.source[key].file
+        try:
+            with safe_open(file, framework="pt") as f:
+                tensor = f.get_tensor(key)
+        except Exception as error:  # changed or truncated since its header was read
+            raise ValueError(f"{file}: cannot read tensor {key} ({type(error).__name__}: {error})") from error
+        if tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                count = int((~finite).sum())
+                raise ValueError(
+                    f"{file}: tensor {key} has {count} non-finite values (NaN or inf) of {tensor.numel()}; "
+                    "the source checkpoint is corrupt"
+                )
+            tensor = tensor.to(self.dtype)
+        return tensor
 
 
-def build_tensor(key, shape, reader: WeightReader, config: VisorConfig, routing: dict, generator) -> torch.Tensor:
-    """The output tensor of one VISOR key."""
-    if key.startswith(NEW_PREFIXES):
-        rule = new_parameter_rule(key)
-        if rule.startswith("copy:"):
-            return reader.read(rule.removeprefix("copy:")).clone()
-        if rule == "zeros":
-            return torch.zeros(shape, dtype=reader.dtype)
-        if rule == "ones":
-            return torch.ones(shape, dtype=reader.dtype)
-        std = config.text_config.initializer_range
-        return torch.normal(0.0, std, shape, generator=generator).to(reader.dtype)
+def check_source_dtypes(model, mapped: dict[str, str], source: dict[str, SourceTensor], src) -> None:
+    """A weight that VISOR holds as floating point must be stored as floating point (not quantized or integer)."""
+    dtypes = {VisorPreTrainedModel.checkpoint_key(k): v.dtype for k, v in model.state_dict().items()}
+    for visor_key, key in mapped.items():
+        stored = source[key].dtype
+        if dtypes[visor_key].is_floating_point and stored not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{src}: {source[key].file.name} stores {key} as {stored}; it is a floating-point weight, allowed "
+                f"dtypes are {sorted(FLOAT_DTYPES)} (quantized checkpoints cannot be converted)"
+            )
+
+
+def initial_new_weights(model: VisorForConditionalGeneration, reader: WeightReader, seed: int = 0) -> dict:
+    """VISOR's new parameters as the model initialises them (`init_new_parameters`), the cross-attention projections
+    copied from the source checkpoint's self-attention. Only the new modules of the meta model get memory."""
+    for name in model.new_parameters():
+        model.get_submodule(name.rpartition(".")[0]).to_empty(device="cpu", recurse=False)
+    base_weight = lambda name: reader.read(VisorPreTrainedModel.checkpoint_key(name))  # noqa: E731
+    with torch.random.fork_rng(devices=[]):  # reproducible conversions, and the caller's RNG left alone
+        torch.manual_seed(seed)
+        model.init_new_parameters(base_weight=base_weight)
+    return {VisorPreTrainedModel.checkpoint_key(n): p.detach() for n, p in model.new_parameters().items()}
+
+
+def build_tensor(key, shape, reader: WeightReader, new_weights: dict, routing: dict) -> torch.Tensor:
+    """The output tensor of one VISOR key: a new parameter, or a source weight (+ the routing token's row)."""
+    if key in new_weights:
+        return new_weights[key].to(reader.dtype).contiguous()
     tensor = reader.read(key)
     if key in EMBEDDING_KEYS:  # the routing token's row: mean of the rows the tokenizer uses
         rows = tensor[: min(routing["num_tokens"], tensor.shape[0])]
@@ -359,20 +513,19 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_siz
     return shards + ([current] if current else [])
 
 
-def write_weights(dst_dir: Path, shapes, reader, config, routing, max_shard_size: int, progress: bool, seed: int = 0):
+def write_weights(dst_dir: Path, shapes, reader, new_weights, routing, max_shard_size: int, progress: bool):
     """Write the weights shard by shard; only the shard being written is in memory."""
     shards = plan_shards(shapes, torch.tensor([], dtype=reader.dtype).element_size(), max_shard_size)
     names = (
         ["model.safetensors"] if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    generator = torch.Generator().manual_seed(seed)
     weight_map, total_size = {}, 0
     with tqdm(total=len(shapes), desc="Writing VISOR weights", unit="tensor", disable=not progress) as bar:
         for name, keys in zip(names, shards):
             shard = {}
             for key in keys:
-                shard[key] = build_tensor(key, shapes[key], reader, config, routing, generator)
+                shard[key] = build_tensor(key, shapes[key], reader, new_weights, routing)
                 total_size += shard[key].numel() * shard[key].element_size()
                 weight_map[key] = name
                 bar.update()
@@ -389,40 +542,27 @@ def write_weights(dst_dir: Path, shapes, reader, config, routing, max_shard_size
 # --------------------------------------------------------------------------------------------------
 
 
-def convert(
-    src,
-    dst,
-    cross_attn_layers=None,
-    self_attn_layers=None,
-    configurations=None,
-    dtype=None,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    max_shard_size="2GB",
-    progress: bool = True,
-) -> Path:
-    """Convert the LLaVA-OneVision checkpoint `src` (Hub id or folder) into a VISOR folder `dst`.
+@dataclass
+class Plan:
+    """Everything a conversion writes, decided and checked from the source before anything is written."""
 
-    Args:
-        cross_attn_layers, self_attn_layers: lists of layer indices, "2,5,8" strings, or "all"; default L/3 each,
-            spread uniformly (`VisorConfig.default_layers`).
-        configurations: the viable subsets of `self_attn_layers` (default: one evenly spread subset per size).
-        dtype: "float32", "bfloat16" or "float16"; default the source's dtype.
-        push_to_hub: a repo id: upload the folder there in one commit (`private` for a new repo).
-        max_shard_size: bytes or "2GB"-like; peak memory is about one shard.
-    Returns the output folder.
-    """
-    out_dtype = parse_dtype(dtype)
-    max_shard_bytes = parse_size(max_shard_size)
-    src_dir = resolve_source(src)
-    dst_dir = Path(dst)
-    if dst_dir.resolve() == src_dir.resolve():
-        raise ValueError("--dst must differ from --src")
+    config: VisorConfig
+    model: VisorForConditionalGeneration  # on the meta device, but for the new modules once initialised
+    shapes: dict[str, tuple[int, ...]]
+    reader: WeightReader
+    token_id: int
+    llava_json: dict
+    image_config: dict
+
+
+def plan_conversion(src_dir: Path, src, cross_attn_layers, self_attn_layers, configurations, dtype) -> Plan:
+    """Read and check the source (config, tokenizer, image processor, every weight's key, shape and dtype)."""
+    from transformers import LlavaOnevisionConfig
+
     llava_json = read_llava_config(src_dir, src)
     source = index_source_weights(src_dir, src)
     mapped = map_source_keys(source, src)
-
-    from transformers import LlavaOnevisionConfig
+    image_config = read_image_processor_config(src_dir, src)
 
     # A source written by 5.x carries only `rope_parameters`, which 4.57 would read as rope_theta=10000.
     VisorPreTrainedModel.portable_text_config(llava_json)
@@ -442,14 +582,20 @@ def convert(
     source_vocab = config.text_config.vocab_size
     if token_id >= source_vocab:  # no spare row: grow the embedding (and an untied lm_head) by one row
         config.text_config.vocab_size = token_id + 1
-    source_dtypes = Counter(t.dtype for t in source.values() if t.dtype in ("F32", "BF16", "F16"))
-    source_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[source_dtypes.most_common(1)[0][0]]
-    out_dtype = out_dtype or source_dtype
+    stored = Counter(t.dtype for t in source.values() if t.dtype in ("F32", "BF16", "F16"))
+    out_dtype = dtype or (FLOAT_DTYPES[stored.most_common(1)[0][0]] if stored else torch.float32)
     config.dtype = str(out_dtype).removeprefix("torch.")
 
-    # Checks: every LLaVA-OneVision weight present, nothing else, every shape as expected.
-    shapes = expected_weights(config)
-    base = {k: s for k, s in shapes.items() if not k.startswith(NEW_PREFIXES)}
+    model = meta_model(config)
+    shapes = expected_weights(model)
+    check_source_weights(shapes, new_weight_keys(model), mapped, source, source_vocab, src)
+    check_source_dtypes(model, mapped, source, src)
+    return Plan(config, model, shapes, WeightReader(source, mapped, out_dtype), token_id, llava_json, image_config)
+
+
+def check_source_weights(shapes, new_keys, mapped, source, source_vocab: int, src) -> None:
+    """Every LLaVA-OneVision weight present, nothing else, every shape as expected."""
+    base = {k: s for k, s in shapes.items() if k not in new_keys}
     missing = sorted(set(base) - set(mapped))
     unexpected = sorted(mapped[k] for k in set(mapped) - set(base))
     if missing or unexpected:
@@ -463,49 +609,77 @@ def convert(
             raise ValueError(
                 f"{src}: {mapped[key]} has shape {source[mapped[key]].shape}, config.json implies {expected}"
             )
-    for key in shapes:
-        if key.startswith(NEW_PREFIXES):
-            rule = new_parameter_rule(key)
-            if rule.startswith("copy:") and shapes[rule.removeprefix("copy:")] != shapes[key]:
-                raise ValueError(f"{key} starts as a copy of {rule[5:]}, whose shape {shapes[rule[5:]]} differs")
 
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    write_tokenizer_files(src_dir, dst_dir, token_id)
-    reader = WeightReader(source, mapped, out_dtype)
-    routing = {"token_id": token_id, "num_tokens": token_id}  # the rows before the routing token are the tokenizer's
-    write_weights(dst_dir, shapes, reader, config, routing, max_shard_bytes, progress)
-    config.save_pretrained(dst_dir)
-    VisorPreTrainedModel.make_config_portable(dst_dir)
-    write_other_files(src_dir, dst_dir, src, config, llava_json, push_to_hub)
-    check_written_weights(dst_dir, shapes)
-    check_processor(dst_dir, config)
+
+def convert(
+    src,
+    dst,
+    cross_attn_layers=None,
+    self_attn_layers=None,
+    configurations=None,
+    dtype=None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    max_shard_size="2GB",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Convert the LLaVA-OneVision checkpoint `src` (Hub id or folder) into a VISOR folder `dst`.
+
+    Args:
+        cross_attn_layers, self_attn_layers: lists of layer indices, "2,5,8" strings, or "all"; default L/3 each,
+            spread uniformly (`VisorConfig.default_layers`).
+        configurations: the viable subsets of `self_attn_layers` (default: one evenly spread subset per size).
+        dtype: "float32", "bfloat16" or "float16"; default the source's dtype.
+        push_to_hub: a repo id: upload the folder there in one commit (`private` for a new repo).
+        max_shard_size: bytes or "2GB"-like; peak memory is about one shard.
+        overwrite: replace a non-empty `dst` (refused otherwise). The old folder stays whole until the new one,
+            complete and verified, takes its place in one atomic move; then it is deleted.
+    Returns the output folder.
+    """
+    out_dtype = parse_dtype(dtype)
+    max_shard_bytes = parse_size(max_shard_size)
+    src_dir = resolve_source(src)
+    dst_dir = check_destination(Path(dst), src_dir, overwrite)
+    plan = plan_conversion(src_dir, src, cross_attn_layers, self_attn_layers, configurations, out_dtype)
+
+    staging = staging_folder(dst_dir)
+    try:
+        write_folder(plan, staging, src_dir, src, push_to_hub, max_shard_bytes, progress)
+        verify_folder(staging, plan.shapes, plan.config)
+        publish(staging, dst_dir)
+    finally:
+        if staging.exists():  # an error above: the partial folder goes, `dst` is as it was
+            remove_folder(staging)
     if push_to_hub:
         upload(dst_dir, push_to_hub, private, src)
     return dst_dir
 
 
-def write_other_files(src_dir: Path, dst_dir: Path, src, config: VisorConfig, llava_json: dict, repo_id) -> None:
+def write_folder(plan: Plan, folder: Path, src_dir: Path, src, repo_id, max_shard_bytes: int, progress: bool) -> None:
+    """Tokenizer, weights, config, code, processor and model card of `plan` into the (empty) `folder`."""
+    write_tokenizer_files(src_dir, folder, plan.token_id)
+    new_weights = initial_new_weights(plan.model, plan.reader)
+    routing = {"token_id": plan.token_id, "num_tokens": plan.token_id}  # the rows before it are the tokenizer's
+    write_weights(folder, plan.shapes, plan.reader, new_weights, routing, max_shard_bytes, progress)
+    plan.config.save_pretrained(folder)
+    VisorPreTrainedModel.make_config_portable(folder)
+    write_other_files(src_dir, folder, src, plan, repo_id)
+
+
+def write_other_files(src_dir: Path, dst_dir: Path, src, plan: Plan, repo_id) -> None:
     from transformers import GenerationConfig
 
+    config = plan.config
     package_dir = Path(__file__).parent
-    for name in CODE_FILES:
+    for name in HUB_CODE_FILES:
         shutil.copyfile(package_dir / name, dst_dir / name)
     if (src_dir / "generation_config.json").is_file():
         shutil.copyfile(src_dir / "generation_config.json", dst_dir / "generation_config.json")
     else:
         GenerationConfig.from_model_config(config).save_pretrained(dst_dir)
 
-    # Image processor: the source's preprocessor_config.json (or the nested one of a 5.x processor_config.json).
-    image_config = None
-    if (src_dir / "preprocessor_config.json").is_file():
-        image_config = json.loads((src_dir / "preprocessor_config.json").read_text())
-    elif (src_dir / "processor_config.json").is_file():
-        image_config = json.loads((src_dir / "processor_config.json").read_text()).get("image_processor")
-    if not image_config:
-        raise ValueError(f"{src} has no image processor config (preprocessor_config.json)")
-    image_config["processor_class"] = "VisorProcessor"
-    _write_json(dst_dir / "preprocessor_config.json", image_config)
-
+    _write_json(dst_dir / "preprocessor_config.json", {**plan.image_config, "processor_class": "VisorProcessor"})
     vision = config.vision_config
     _write_json(dst_dir / "processor_config.json", {
         "processor_class": "VisorProcessor",
@@ -523,7 +697,7 @@ def write_other_files(src_dir: Path, dst_dir: Path, src, config: VisorConfig, ll
     readme = src_dir / "README.md"
     license = source_license(readme.read_text(encoding="utf-8") if readme.is_file() else None)
     on_hub = not Path(src).is_dir()
-    base_model = str(src) if on_hub else llava_json.get("_name_or_path") or Path(src).name
+    base_model = str(src) if on_hub else plan.llava_json.get("_name_or_path") or Path(src).name
     card = model_card(config, base_model=base_model, license=license, repo_id=repo_id, base_on_hub=on_hub)
     (dst_dir / "README.md").write_text(card, encoding="utf-8")
 
@@ -532,15 +706,44 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+# --------------------------------------------------------------------------------------------------
+# Verification of the written folder (before it takes the place of `dst`)
+# --------------------------------------------------------------------------------------------------
+
+
+def verify_folder(folder: Path, shapes, config: VisorConfig) -> None:
+    """Every key and shape, the index, the model loading (on the meta device: no memory) and the processor."""
+    from transformers.utils import logging as hf_logging
+
+    check_written_weights(folder, shapes)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # 5.x shows a "Loading weights" bar; this load is only a check
+    try:
+        _, info = VisorForConditionalGeneration.from_pretrained(folder, device_map="meta", output_loading_info=True)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise RuntimeError(f"the written folder does not load cleanly: {problems}")
+    check_processor(folder, config)
+
+
 def check_written_weights(dst_dir: Path, shapes) -> None:
-    """Read back the headers: exactly the expected keys, each with its shape."""
-    found = {}
+    """Read back the headers: exactly the expected keys, each with its shape, and an index that names them all."""
+    found, files = {}, {}
     for file in dst_dir.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as f:
-            found.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        with open_safetensors(file) as f:
+            for key in f.keys():
+                found[key], files[key] = tuple(f.get_slice(key).get_shape()), file.name
     if found != shapes:
         diff = sorted(set(found.items()) ^ set(shapes.items()))[:10]
         raise RuntimeError(f"the written weights differ from the expected ones: {diff}")
+    index = dst_dir / "model.safetensors.index.json"
+    if len(set(files.values())) > 1 or index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else {}
+        if weight_map != files:
+            raise RuntimeError(f"{index.name} does not name every written weight and its file")
 
 
 def check_processor(dst_dir: Path, config: VisorConfig) -> None:
@@ -577,7 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--src", required=True, help="Hub id (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
                         "downloaded and cached by huggingface_hub) or local folder of a LLaVA-OneVision checkpoint "
                         "(safetensors only).")
-    parser.add_argument("--dst", required=True, help="Output folder (created if needed).")
+    parser.add_argument("--dst", required=True, help="Output folder: new or empty (created if needed), written "
+                        "only once complete and verified.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --dst entirely: the old folder "
+                        "stays whole until the new one takes its place in one move, then it is deleted.")
     layers_help = ("Comma-separated language-model layer indices (e.g. 2,5,8), or 'all'. Default: L/3 layers "
                    "spread uniformly over the L layers")
     parser.add_argument("--cross-attn-layers", metavar="LAYERS", help=f"Layers followed by a gated cross-attention from text to visual "
@@ -605,7 +811,7 @@ def main(argv=None) -> int:
         dst = convert(
             args.src, args.dst, cross_attn_layers=args.cross_attn_layers, self_attn_layers=args.self_attn_layers,
             dtype=args.dtype, push_to_hub=args.push_to_hub, private=args.private,
-            max_shard_size=args.max_shard_size, progress=not args.no_progress,
+            max_shard_size=args.max_shard_size, progress=not args.no_progress, overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError, OSError) as error:
         parser.exit(1, f"error: {error}\n")
