@@ -14,15 +14,13 @@ Usage:
 
 from __future__ import annotations
 
-import sys
+import argparse
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_prefill as bench  # noqa: E402
+import common
 
 
 def top_level_ops(fn) -> Counter:
@@ -36,26 +34,27 @@ def top_level_ops(fn) -> Counter:
     )
 
 
-def main(argv=None) -> list[dict]:
-    args = bench.parse_args(argv)
-    llava, visor = bench.build_models(args)
-    config, generator = visor.config, torch.Generator().manual_seed(args.seed)
-    num_visual = args.vision_tokens[0]
-    input_ids = bench.make_prompt(config, num_visual, args.text_tokens, None, generator)
-    features = 0.02 * torch.randn(num_visual, config.text_config.hidden_size, generator=generator)
-    crop = config.vision_config.image_size
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-              "pixel_values": torch.zeros(1, 1, 3, 1, 1), "image_sizes": torch.tensor([[crop, crop]])}
-    entries = [("dense", llava, None)] + [(f"VISOR {b}", visor, b) for b in bench.parse_budgets(args.budgets, visor)]
-    rows = []
-    with torch.inference_mode(), bench.precomputed_image_features(llava, visor, features):
-        for name, model, budget in entries:
-            bench.prefill(model, inputs, budget)  # warm-up
-            prefill_ops = top_level_ops(lambda: bench.prefill(model, inputs, budget))
-            token, cache, _ = bench.prefill(model, inputs, budget)
-            decode_ops = top_level_ops(lambda: bench.decode(model, token, cache, 1))
-            rows.append({"model": name, "prefill": sum(prefill_ops.values()), "decode": sum(decode_ops.values()),
-                         "decode_ops": decode_ops, "decode_top": decode_ops.most_common(4)})
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_model_arguments(parser)
+    parser.add_argument("--vision-tokens", type=int, nargs="+", default=[32],
+                        help="N_v (the first value is used; the count does not depend on it; default 32)")
+    parser.add_argument("--text-tokens", type=int, default=16, help="N_t (default 16)")
+    parser.add_argument("--budgets", nargs="+", default=["0", "2", "4", "8"], help="VISOR budgets (default 0 2 4 8)")
+    return common.finish_model_arguments(parser.parse_args(argv))
+
+
+def count_model(model, inputs: dict, budget) -> dict:
+    """Operators of one prefill and of one decode step after it (after a warm-up prefill)."""
+    common.prefill(model, inputs, budget)  # warm-up
+    prefill_ops = top_level_ops(lambda: common.prefill(model, inputs, budget))
+    token, cache, _ = common.prefill(model, inputs, budget)
+    decode_ops = top_level_ops(lambda: common.decode(model, token, cache, 1))
+    return {"prefill": sum(prefill_ops.values()), "decode": sum(decode_ops.values()), "decode_ops": decode_ops,
+            "decode_top": decode_ops.most_common(4)}
+
+
+def print_table(rows: list[dict], num_visual: int, args, config) -> None:
     dense = rows[0]
     print(f"N_v = {num_visual}, N_t = {args.text_tokens}, {config.num_layers} layers, "
           f"{len(config.cross_attn_layers)} cross-attention layers\n")
@@ -65,6 +64,21 @@ def main(argv=None) -> list[dict]:
         top = ", ".join(f"{op.removeprefix('aten::')} {n}" for op, n in row["decode_top"])
         print(f"| {row['model']} | {row['prefill']:,} | {row['prefill'] / dense['prefill']:.2f}x | {row['decode']:,} | "
               f"{row['decode'] / dense['decode']:.2f}x | {top} |")
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    llava, visor = common.build_models(args)
+    config, generator = visor.config, torch.Generator().manual_seed(args.seed)
+    num_visual, crop = args.vision_tokens[0], config.vision_config.image_size
+    input_ids = common.make_prompt(config, num_visual, args.text_tokens, None, generator)
+    features = (0.02 * torch.randn(num_visual, config.text_config.hidden_size, generator=generator)).to(
+        args.device, getattr(torch, args.dtype))
+    inputs = common.placeholder_inputs(input_ids, (crop, crop), args.device, features.dtype)
+    entries = [("dense", llava, None)] + [(f"VISOR {b}", visor, b) for b in common.parse_budgets(args.budgets, visor)]
+    with torch.inference_mode(), common.precomputed_image_features(llava, visor, features):
+        rows = [{"model": name, **count_model(model, inputs, budget)} for name, model, budget in entries]
+    print_table(rows, num_visual, args, config)
     return rows
 
 

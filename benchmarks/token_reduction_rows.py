@@ -19,21 +19,23 @@ Timings (medians, round-robin over rows as in bench_prefill):
   the last position. TTFT = vision + selection + LLM prefill.
 FLOPs: `visor_hf.flops.count_flops(..., token_reduction=, image_size=)`; the FLOPs ratio is dense's LLM FLOPs
 over the row's LLM + selection FLOPs.
+
+This module measures and returns rows (medians and FLOPs); `report.py` derives the ratios and writes the table,
+the plot and the BENCHMARKS.md section (`bench_prefill.py` calls both).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
+import common
 from visor_hf import VisorForConditionalGeneration
 from visor_hf.baselines import TokenReducedLlavaOnevision
-from visor_hf.configuration_visor import validate_token_reduction
-from visor_hf.flops import count_flops, keep_ratio_for_flops, token_reduction_counts
+from visor_hf.configuration_visor import num_visual_tokens, validate_token_reduction
+from visor_hf.flops import count_flops, keep_ratio_for_flops, num_crops_for_image
 from visor_hf.modeling_visor import attention_received, image_token_layout, reduce_image_tokens
 
 PRUNING = ("visionzip", "vispruner")
@@ -86,20 +88,16 @@ def precomputed_reduction(target, reduced: list, kept: list):
         del target.reduce_visual_tokens
 
 
-def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list[dict]:
+def bench_image(args, llava, visor, budgets, image_size, clock, generator) -> list[dict]:
     """Every row at one image size."""
     config, device, dtype = visor.config, args.device, getattr(torch, args.dtype)
-    (is_newline, _, base_length), = image_token_layout(config, [image_size], device=device)
-    num_visual = int(is_newline.shape[0])
-    num_crops = token_reduction_counts(config, image_size, None)["num_crops"]
+    num_visual, num_crops = num_visual_tokens(config, image_size), num_crops_for_image(config, image_size)
     crop = config.vision_config.image_size
     vision_layers = config.vision_config.num_hidden_layers
     tower = getattr(llava.model.vision_tower, "vision_model", llava.model.vision_tower)
-    input_ids = bench.make_prompt(config, num_visual, args.text_tokens, None, generator).to(device)
+    input_ids = common.make_prompt(config, num_visual, args.text_tokens, None, generator).to(device)
     num_text = int((input_ids != config.image_token_id).sum())
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-              "pixel_values": torch.zeros(1, 1, 3, 1, 1, device=device, dtype=dtype),
-              "image_sizes": torch.tensor([list(image_size)], device=device)}
+    inputs = common.placeholder_inputs(input_ids, image_size, device, dtype)
     features = (0.02 * torch.randn(num_visual, config.text_config.hidden_size, generator=generator)).to(device, dtype)
     pixel_values = torch.randn(num_crops, 3, crop, crop, generator=generator).to(device, dtype)
     tokens, width = (crop // config.vision_config.patch_size) ** 2, config.vision_config.hidden_size
@@ -129,7 +127,7 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
     # (name, kind, budget, setting, matched-to name)
     entries = [("dense", "dense", None, None, None)]
     entries += [(f"dense + {label(s)}", "dense", None, s, None) for s in settings if s["method"] in PRUNING]
-    for budget in args.budget_values:
+    for budget in budgets:
         entries.append((f"VISOR {budget}", "visor", budget, None, None))
         entries += [(f"VISOR {budget} + {label(s)}", "visor", budget, s, None) for s in settings]
 
@@ -159,24 +157,24 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
                       "kept": kept, "flops_llm": llm, "flops_selection": selection,
                       "vision_s": [], "select_s": [], "prefill_s": []}
 
-    common = {"use_cache": True, "logits_to_keep": 1}
+    call_kwargs = {"use_cache": True, "logits_to_keep": 1}  # what generate asks of a prefill
 
     def prefill_call(kind, budget, setting):
         """The timed call of a row and the object whose reduce_visual_tokens it runs (None without reduction)."""
         if kind == "dense" and setting is None:
-            return (lambda: llava(**inputs, **common)), None
+            return (lambda: llava(**inputs, **call_kwargs)), None
         if setting is None:
-            return (lambda: visor(**inputs, budget=budget, **common)), None
+            return (lambda: visor(**inputs, budget=budget, **call_kwargs)), None
         if kind == "dense":
             wrapper = TokenReducedLlavaOnevision(llava, setting)
-            return (lambda: wrapper(**inputs, **common)), wrapper
+            return (lambda: wrapper(**inputs, **call_kwargs)), wrapper
         model = packers[setting["pack_factor"]] if setting is not None and setting["method"] == "pack" else visor
-        return (lambda: model(**inputs, budget=budget, token_reduction=setting, **common)), model.model
+        return (lambda: model(**inputs, budget=budget, token_reduction=setting, **call_kwargs)), model.model
 
-    with torch.inference_mode(), bench.precomputed_image_features(llava, visor, features):
+    with torch.inference_mode(), common.precomputed_image_features(llava, visor, features):
         for repeat in range(args.warmup + args.repeats):
             timed = repeat >= args.warmup
-            _, vision_s = clock(lambda: bench.vision_encoder(llava, pixel_values), retry=timed)
+            _, vision_s = clock(lambda: common.vision_encoder(llava, pixel_values), retry=timed)
             for name, kind, budget, setting, _ in entries:
                 row = rows[name]
                 reduced, kept, select_s = None, None, 0.0
@@ -195,92 +193,21 @@ def bench_image(args, bench, llava, visor, image_size, clock, generator) -> list
 
 
 def finish(rows: list[dict]) -> list[dict]:
+    """Medians of the timings (the lists stay under `*_all`)."""
     median = lambda xs: statistics.median(xs) if xs else float("nan")
-    dense = rows[0]
     for row in rows:
         for key in ("vision_s", "select_s", "prefill_s"):
             row[key + "_all"], row[key] = row[key], median(row[key])
-        row["ttft_s"] = row["vision_s"] + row["select_s"] + row["prefill_s"]
-    for row in rows:
-        row["flops_ratio"] = dense["flops_llm"] / (row["flops_llm"] + row["flops_selection"])
-        row["llm_speedup"] = dense["prefill_s"] / (row["prefill_s"] + row["select_s"])
-        row["ttft_speedup"] = dense["ttft_s"] / row["ttft_s"]
     return rows
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:,.1f}"
+def run(args, llava, visor, budgets, clock, generator) -> list[dict]:
+    """The rows of every image size of `args.image_sizes`."""
+    import report
 
-
-def markdown_table(rows: list[dict]) -> str:
-    header = ("| image | N_v | model | N_v kept | LLM GFLOPs | selection GFLOPs | FLOPs ratio | vision ms | selection ms "
-              "| LLM prefill ms | TTFT ms | (selection + prefill) speed-up | TTFT speed-up |")
-    lines = [header, "|" + "|".join([" --- "] * (header.count("|") - 1)) + "|"]
-    for r in rows:
-        lines.append(
-            f"| {r['image_size']} | {r['num_visual']} | {r['model']} | {r['kept']} | {r['flops_llm'] / 1e9:,.1f} "
-            f"| {r['flops_selection'] / 1e9:,.2f} | {r['flops_ratio']:.1f}x | {ms(r['vision_s'])} | {ms(r['select_s'])} "
-            f"| {ms(r['prefill_s'])} | {ms(r['ttft_s'])} | {r['llm_speedup']:.1f}x | {r['ttft_speedup']:.1f}x |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], output_dir: Path, tag: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted({r["image_size"] for r in rows}, key=lambda s: [int(x) for x in s.split("x")])
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5), squeeze=False)
-    style = {"dense": ("tab:gray", "s"), "visor": ("tab:blue", "o")}
-    for ax, size in zip(axes[0], sizes):
-        for r in (r for r in rows if r["image_size"] == size):
-            colour, marker = style[r["kind"]]
-            if r["matched_to"]:
-                colour = "tab:orange"
-            gflops = (r["flops_llm"] + r["flops_selection"]) / 1e9
-            ax.scatter(gflops, (r["select_s"] + r["prefill_s"]) * 1000, c=colour, marker=marker)
-            ax.annotate(r["model"].split(" (")[0], (gflops, (r["select_s"] + r["prefill_s"]) * 1000),
-                        textcoords="offset points", xytext=(4, 3), fontsize=7)
-        ax.set_xscale("log"), ax.set_yscale("log"), ax.grid(True, which="both", alpha=0.3)
-        ax.set_xlabel("LLM + selection GFLOPs"), ax.set_ylabel("selection + LLM prefill ms")
-        ax.set_title(f"{size} ({rows[[r['image_size'] for r in rows].index(size)]['num_visual']} visual tokens)")
-    fig.suptitle(f"Token reduction: VISOR (blue), dense + pruning (grey), dense matched to a VISOR row (orange), {tag}")
-    fig.tight_layout()
-    path = output_dir / f"token_reduction_{tag}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def run(args, bench, llava, visor, clock, generator, command: str) -> list[dict]:
-    output_dir = Path(args.output_dir)
     rows = []
     for image_size in args.image_sizes:
-        rows += bench_image(args, bench, llava, visor, image_size, clock, generator)
-        print(markdown_table([r for r in rows if r["image_size"] == f"{image_size[0]}x{image_size[1]}"]), flush=True)
-    tag = bench.run_tag(args)
-    figure = plot(rows, output_dir, tag)
-    shapes = bench.shapes_text(args)
-    text = "\n".join([
-        f"Command: `{command}`",
-        "",
-        f"Machine: {bench.environment(args)}. Code: {args.code}. Shapes: {shapes}; N_t = {args.text_tokens}; batch 1; "
-        f"median of {args.repeats} runs after {args.warmup} warm-up. Weights are random: the packing layer is at its "
-        "initialisation (the mean of each group), selections follow random scores; timings and FLOPs do not depend "
-        "on the values. What each column measures: `benchmarks/token_reduction_rows.py`.",
-        "",
-        *([bench.background_note(clock)] if not clock.cuda else []),
-        markdown_table(rows),
-        "",
-        f"![{figure.stem}]({figure.as_posix()})",
-    ])
-    (output_dir / f"token_reduction_{tag}.md").write_text(text + "\n")
-    (output_dir / f"token_reduction_{tag}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))
-    print("\n" + text)
-    if args.benchmarks_md:
-        title = f"Token reduction with VISOR and with dense LLaVA-OV ({args.device.upper()}{', smoke' if args.smoke else ''})"
-        bench.update_markdown(Path(args.benchmarks_md), f"token-reduction-{tag}", title, text)
-        print(f"updated {args.benchmarks_md}")
+        size_rows = bench_image(args, llava, visor, budgets, image_size, clock, generator)
+        rows += size_rows
+        print(report.token_reduction_table(size_rows), flush=True)
     return rows

@@ -1,49 +1,178 @@
-"""benchmarks/bench_prefill.py --smoke runs end to end and writes its table, raw results and plots (no timing checks)."""
+"""benchmarks/: what the rows hold and what the report makes of them (no timing checks).
 
+- A row's FLOPs are `visor_hf.flops.count_flops` of the row's shape, and the KV-cache bytes measured after prefill
+  equal the analytical `kv_cache_bytes` (for a batch of two: both prompts ran).
+- The report (`benchmarks/report.py`) writes one table row per measured row, with ratios computed from the row
+  values; its target verdicts flip when the numbers cross the target; it can be redone from the JSON alone.
+- A smoke run, typed as the README has it, writes nothing into benchmarks/results.
+"""
+
+import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from visor_hf import VisorConfig
+from visor_hf.flops import count_flops, kv_cache_bytes, token_reduction_counts
+
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import common  # noqa: E402
+import report  # noqa: E402
+
+SMOKE_TEXT_TOKENS = 16  # what --smoke sets
+SMOKE_SIZES, SMOKE_BUDGETS, BATCH = (32, 48), (0, 2, 8), 2
 
 
-def test_bench_prefill_smoke_writes_table_plots_and_its_own_markdown_section(tmp_path):
+def smoke_config() -> VisorConfig:
+    """The config of the models a smoke run builds (VISOR's default placement on the smoke LLaVA-OV)."""
+    args = argparse.Namespace(smoke=True, attn="sdpa", language_model=common.DEFAULT_LANGUAGE_MODEL, tiny_vision=False)
+    return VisorConfig.from_llava_onevision_config(common.llava_config(args))
+
+
+def results_snapshot() -> dict:
+    return {str(p.relative_to(BENCHMARKS)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in (BENCHMARKS / "results").rglob("*")}
+
+
+def run_script(args: list[str], tmp_path: Path) -> str:
+    """Run a benchmark script as a user would (TMPDIR inside the test's folder); returns its stdout."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+OTHER = "# Benchmarks\n\n## Conversion\n\nAnother engineer's section.\n"
+STALE = "<!-- bench_prefill:smoke-cpu:begin -->\nstale numbers\n<!-- bench_prefill:smoke-cpu:end -->\n"
+AFTER = "\n## Later section\n\nKept as is.\n"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run without --output-dir (as the README types it), a batch of two, two N_v, three budgets."""
+    tmp_path = tmp_path_factory.mktemp("smoke")
     benchmarks_md = tmp_path / "BENCHMARKS.md"
-    other = "# Benchmarks\n\n## Conversion\n\nAnother engineer's section.\n"
-    stale = "<!-- bench_prefill:smoke-cpu:begin -->\nstale numbers\n<!-- bench_prefill:smoke-cpu:end -->\n"
-    after = "\n## Later section\n\nKept as is.\n"
-    benchmarks_md.write_text(other + "\n" + stale + after)
-    command = [sys.executable, str(ROOT / "benchmarks" / "bench_prefill.py"), "--smoke", "--output-dir", str(tmp_path),
-               "--benchmarks-md", str(benchmarks_md)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "budget 'auto' skipped" in done.stdout
+    benchmarks_md.write_text(OTHER + "\n" + STALE + AFTER)
+    before = results_snapshot()
+    stdout = run_script([str(BENCHMARKS / "bench_prefill.py"), "--smoke", "--batch-size", str(BATCH),
+                         "--vision-tokens", *map(str, SMOKE_SIZES), "--budgets", *map(str, SMOKE_BUDGETS),
+                         "--benchmarks-md", str(benchmarks_md)], tmp_path)
+    folder = Path(re.search(r"rows, table and plots in (\S+)", stdout).group(1))
+    run = json.loads((folder / "prefill_smoke-cpu.json").read_text())
+    return {"tmp_path": tmp_path, "folder": folder, "run": run, "before": before, "after": results_snapshot(),
+            "benchmarks_md": benchmarks_md}
 
-    table = (tmp_path / "prefill_smoke-cpu.md").read_text()
-    for model in ["dense", "VISOR 0", "VISOR 2", "VISOR 4", "VISOR 8", "physical limit"]:
-        assert f"| {model} |" in table
-    assert "Targets:" in table
-    rows = json.loads((tmp_path / "prefill_smoke-cpu.json").read_text())["rows"]
-    assert len(rows) == 2 * 6  # two visual-token counts, six rows each
-    assert all(row["prefill_s"] > 0 for row in rows)
-    assert all(row["kv_bytes"] == row["kv_bound"] for row in rows if "kv_bytes" in row)  # measured = analytical
+
+def test_smoke_writes_into_a_temporary_folder_and_leaves_results_untouched(smoke):
+    assert smoke["after"] == smoke["before"]
+    assert smoke["folder"].is_relative_to(smoke["tmp_path"])  # a fresh temporary folder, not benchmarks/results
     for name in ["speedup_vs_flops_smoke-cpu.png", "latency_smoke-cpu.png"]:
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (smoke["folder"] / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The script replaces its own section and leaves the others alone.
-    text = benchmarks_md.read_text()
-    assert text.startswith(other) and text.endswith(after)
-    assert "stale numbers" not in text
+
+def test_rows_hold_the_flops_and_kv_bytes_of_their_shape(smoke):
+    config = smoke_config()
+    rows = smoke["run"]["rows"]
+    assert sorted({(r["num_visual"], r["model"]) for r in rows}) == sorted(
+        (n, m) for n in SMOKE_SIZES for m in ["dense", *(f"VISOR {b}" for b in SMOKE_BUDGETS), "physical limit"])
+    for row in rows:
+        if row["model"] == "physical limit":
+            continue
+        kind, budget = ("dense", "full") if row["model"] == "dense" else ("visor", row["budget"])
+        assert row["num_text"] == SMOKE_TEXT_TOKENS
+        flops = count_flops(config, row["num_visual"], SMOKE_TEXT_TOKENS, budget)
+        assert row["flops_llm"] == BATCH * flops[kind]["llm"], row["model"]
+        bound = kv_cache_bytes(config, row["num_visual"], SMOKE_TEXT_TOKENS, budget, dtype="float32")[kind]["total"]
+        assert row["kv_bytes"] == BATCH * bound, row["model"]  # measured after prefill, both prompts of the batch
+        if kind == "visor":
+            assert tuple(row["self_attn_layers"]) == config.resolve_budget(budget)
+
+
+def table_rows(markdown: str) -> dict:
+    """{(N_v, model): cells} of the prefill table in a report."""
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if re.match(r"\| \d", line)]
+    return {(int(c[0]), c[1]): c for c in cells}
+
+
+def test_report_table_has_a_row_per_measured_row_with_ratios_from_the_row_values(smoke):
+    rows = smoke["run"]["rows"]
+    table = table_rows((smoke["folder"] / "prefill_smoke-cpu.md").read_text())
+    assert set(table) == {(r["num_visual"], r["model"]) for r in rows}
+    for row in rows:
+        dense = next(r for r in rows if r["model"] == "dense" and r["num_visual"] == row["num_visual"])
+        cells = table[row["num_visual"], row["model"]]
+        assert cells[4] == f"{dense['flops_llm'] / row['flops_llm']:.1f}x"  # FLOPs ratio: dense / this row
+        assert cells[7] == f"{dense['prefill_s'] / row['prefill_s']:.1f}x"  # speed-up: dense time / this row's
+    # its BENCHMARKS.md section replaces the stale one and leaves the others alone
+    text = smoke["benchmarks_md"].read_text()
+    assert text.startswith(OTHER) and text.endswith(AFTER) and "stale numbers" not in text
     assert text.count("<!-- bench_prefill:smoke-cpu:begin -->") == 1
-    assert "| VISOR 0 |" in text
+    assert set(table_rows(text)) == set(table)
 
 
-def test_bench_prefill_token_reduction_smoke_matches_flops_and_times_the_selection(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "bench_prefill.py"), "--smoke", "--output-dir", str(tmp_path),
-               "--token-reduction", "visionzip", "vispruner", "pack", "--keep-ratio", "0.5", "--image-sizes", "112x112"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_report_is_redone_from_the_json_alone(smoke, tmp_path):
+    report.main([str(smoke["folder"] / "prefill_smoke-cpu.json"), "--output-dir", str(tmp_path)])
+    redone = (tmp_path / "prefill_smoke-cpu.md").read_text().replace(str(tmp_path), "FOLDER")
+    assert redone == (smoke["folder"] / "prefill_smoke-cpu.md").read_text().replace(str(smoke["folder"]), "FOLDER")
+
+
+def synthetic_rows(visor_prefill_s=0.5, visor_decode_s=0.1, visor_kv=None, limit_prefill_s=0.4) -> list[dict]:
+    """N_v = 2916, N_t = 64, 24 layers, 8 cross-attention layers: dense, budget 0, budget 2, physical limit."""
+    num_visual, num_text, layers, cross = 2916, 64, 24, 8
+    per_token = 1000  # KV bytes of one token in one layer
+    dense_kv = per_token * layers * (num_visual + num_text)
+    zero_kv = per_token * ((0 + cross) * num_visual + layers * num_text)  # exactly the bound of budget 0
+    base = {"num_visual": num_visual, "num_text": num_text, "vision_s": 1.0, "decode_s": 0.1}
+    return [
+        {**base, "model": "dense", "budget": None, "self_attn_layers": list(range(layers)), "flops_llm": 3000e9,
+         "prefill_s": 10.0, "kv_bytes": dense_kv, "kv_bound": dense_kv},
+        {**base, "model": "VISOR 0", "budget": 0, "self_attn_layers": [], "flops_llm": 60e9,
+         "prefill_s": visor_prefill_s, "decode_s": visor_decode_s, "kv_bytes": zero_kv if visor_kv is None else visor_kv,
+         "kv_bound": zero_kv},
+        {**base, "model": "VISOR 2", "budget": 2, "self_attn_layers": [7, 19], "flops_llm": 300e9, "prefill_s": 1.25},
+        {**base, "model": "physical limit", "budget": None, "flops_llm": 55e9, "prefill_s": limit_prefill_s,
+         "vision_s": float("nan"), "decode_s": float("nan")},
+    ]
+
+
+def verdict_of(lines: list[str], fragment: str) -> str:
+    (line,) = [line for line in lines if fragment in line]
+    return line.rsplit(": ", 1)[1]
+
+
+@pytest.mark.parametrize("fragment, met, missed", [
+    ("faster than dense", dict(visor_prefill_s=0.49), dict(visor_prefill_s=0.51)),  # >= 20x faster than dense
+    ("budget 0: prefill", dict(limit_prefill_s=0.34), dict(limit_prefill_s=0.33)),  # <= 1.5x the physical limit
+    ("budget 0: decode", dict(visor_decode_s=0.1), dict(visor_decode_s=0.1001)),  # <= dense's time per token
+    ("budget 0: KV", dict(), dict(visor_kv=1000 * (8 * 2916 + 24 * 64) + 1)),  # <= (|S|+|C|)/L visual + text
+])
+def test_target_verdicts_flip_when_the_numbers_cross_the_target(fragment, met, missed):
+    assert verdict_of(report.check_targets(synthetic_rows(**met), 24, 8), fragment) == "met"
+    assert verdict_of(report.check_targets(synthetic_rows(**missed), 24, 8), fragment) == "MISSED"
+
+
+def test_efficiency_target_reads_speedup_against_flops_ratio():
+    """Budget 2: FLOPs ratio 10x, so the speed-up must reach 8x (0.8 of it)."""
+    rows = synthetic_rows()
+    lines = report.check_targets(rows, 24, 8)
+    assert verdict_of(lines, "budget 2: speed-up") == "met"  # 10 s / 1.25 s = 8.0x
+    rows[2]["prefill_s"] = 1.26
+    assert verdict_of(report.check_targets(rows, 24, 8), "budget 2: speed-up") == "MISSED"
+
+
+def test_token_reduction_rows_match_flops_and_time_the_selection(tmp_path):
+    before = results_snapshot()
+    run_script([str(BENCHMARKS / "bench_prefill.py"), "--smoke", "--output-dir", str(tmp_path), "--token-reduction",
+                "visionzip", "vispruner", "pack", "--keep-ratio", "0.5", "--image-sizes", "112x112"], tmp_path)
+    assert results_snapshot() == before
+    config, image_size = smoke_config(), (112, 112)
     rows = {row["model"]: row for row in json.loads((tmp_path / "token_reduction_smoke-cpu.json").read_text())["rows"]}
     for model in ["dense", "dense + visionzip @ 0.5", "dense + vispruner @ 0.5", "VISOR 2", "VISOR 2 + visionzip @ 0.5",
                   "VISOR 2 + vispruner @ 0.5", "VISOR 2 + pack x2"]:
@@ -51,9 +180,12 @@ def test_bench_prefill_token_reduction_smoke_matches_flops_and_times_the_selecti
     dense = rows["dense"]
     for name, row in rows.items():
         reduced = row["setting"] is not None
+        counted = count_flops(config, row["num_visual"], row["num_text"], row["budget"] or "full",
+                              token_reduction=row["setting"], image_size=image_size)
+        assert row["flops_llm"] == counted[row["kind"]]["llm"], name
+        assert row["kept"] == token_reduction_counts(config, image_size, row["setting"])["kept"], name
         assert (row["kept"] < dense["kept"]) == reduced, name
         assert (row["select_s"] > 0) == reduced and (row["flops_selection"] > 0) == reduced, name
-        assert row["prefill_s"] > 0
         if row["matched_to"]:  # dense + pruning at the ratio that costs what the VISOR row costs
             target = rows[row["matched_to"]]["flops_llm"]
             if "(=" in name:
@@ -67,7 +199,6 @@ def test_bench_prefill_token_reduction_smoke_matches_flops_and_times_the_selecti
 def test_count_ops_shows_an_unpadded_decode_step_builds_no_masks():
     """benchmarks/count_ops.py counts operators per step; without padding VISOR's decode step calls none of the
     mask-building operators (`causal_allowed`'s comparison, `attend`'s empty-row check) at any budget."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import count_ops
 
     rows = count_ops.main(["--smoke", "--budgets", "0", "8", "--vision-tokens", "40"])
@@ -78,20 +209,11 @@ def test_count_ops_shows_an_unpadded_decode_step_builds_no_masks():
         assert row["decode"] > rows[0]["decode"]  # the cross-attention layers are extra operators
 
 
-def test_bench_prefill_batch_counts_every_prompt(tmp_path):
-    """--batch-size 2: the KV cache measured after prefill is twice one prompt's bound (so both prompts ran), and
-    the FLOPs reported are the batch's."""
-    script = str(ROOT / "benchmarks" / "bench_prefill.py")
+def test_profile_prefill_help_lists_the_shape_flags(capsys):
+    import profile_prefill
 
-    def rows(batch):
-        out = tmp_path / f"b{batch}"
-        command = [sys.executable, script, "--smoke", "--vision-tokens", "32", "--budgets", "0", "8",
-                   "--batch-size", str(batch), "--output-dir", str(out)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return {row["model"]: row for row in json.loads((out / "prefill_smoke-cpu.json").read_text())["rows"]}
-
-    one, two = rows(1), rows(2)
-    for model in ["dense", "VISOR 0", "VISOR 8"]:
-        assert two[model]["kv_bytes"] == two[model]["kv_bound"] == 2 * one[model]["kv_bytes"]
-        assert two[model]["flops_llm"] == 2 * one[model]["flops_llm"]
+    with pytest.raises(SystemExit):
+        profile_prefill.main(["--help"])
+    help_text = capsys.readouterr().out
+    for flag in ["--tiny-vision", "--smoke", "--language-model", "--budget", "--vision-tokens"]:
+        assert flag in help_text
