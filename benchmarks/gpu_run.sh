@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG
 $PY -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOGS/gpu.txt"
 
 step tests $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_dense_equivalence.py tests/test_generation.py
-step smoke $PY benchmarks/bench_prefill.py --device cuda --smoke --output-dir /tmp/visor_smoke
+step smoke $PY benchmarks/bench_prefill.py --device cuda --smoke  # writes into a temporary folder
 step prefill $PY benchmarks/bench_prefill.py --device cuda --dtype bfloat16 --attn sdpa \
     --vision-tokens 729 1485 2916 7290 --repeats 5 --warmup 2 --benchmarks-md BENCHMARKS.md
 step prefill_batch8 $PY benchmarks/bench_prefill.py --device cuda --dtype bfloat16 --attn sdpa --batch-size 8 \
