@@ -81,9 +81,21 @@ def test_cpe_matches_a_convolution_run_on_each_image_alone():
         assert torch.allclose(out[sample, span], expected, atol=1e-5)
 
 
-def test_new_parts_start_as_identity():
-    config = VisorConfig.from_llava_onevision_config(tiny_llava_onevision_config())
-    model = VisorForConditionalGeneration(config)
-    for name, param in model.named_parameters():
-        if name.endswith(".gate") or ".cpe." in name:
-            assert float(param.detach().abs().max()) == 0.0, name
+def test_new_parameters_are_what_llava_onevision_lacks_and_start_as_identity(llava, batch):
+    """A model initialised by transformers' own init path (no grafting) is LLaVA-OneVision at the full budget once it
+    holds LLaVA-OneVision's weights: its new parts, as `new_parameters()` names them, start as identity."""
+    config = VisorConfig.from_llava_onevision_config(
+        llava.config, cross_attn_layers=[0, 2, 5], self_attn_layers=list(range(6)),
+        token_reduction={"method": "pack", "pack_factor": 2},
+    )
+    config.text_config._attn_implementation = llava.config.text_config._attn_implementation
+    model = VisorForConditionalGeneration(config).eval()
+    base = llava.state_dict()
+    assert set(model.new_parameters()) == set(model.state_dict()) - set(base)
+    assert {name.split(".")[1] for name in model.new_parameters()} == {"cross_attn", "router", "token_packer"}
+    model.load_state_dict(base, strict=False)
+    with torch.no_grad():
+        expected = llava(**batch).logits
+        got = model(**batch, budget="full", token_reduction="none").logits
+    text = (batch["input_ids"] != IMAGE_TOKEN_ID) & batch["attention_mask"].bool()
+    assert (got - expected).abs()[text].max() <= 1e-4

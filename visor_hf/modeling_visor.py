@@ -10,21 +10,31 @@ What VISOR changes is which tokens each language-model layer sees:
         else:                                                  T      = Layer_l(T)        (text only)
         if l in config.cross_attn_layers:                      T      = T + tanh(g_l) * XAttn_l(T, CPE_l(V))
 
+How a forward call reads (`VisorModel.forward`): build the prompt (`build_prompt`: embeddings, visual features,
+optional token reduction) -> split it into a text and a visual stream and set up the prompt state (`split_prompt`) ->
+for each layer one `layer_step`, shared by prefill and decode -> norm. A decoding step enters the same loop with its
+new tokens as the text stream (`decode_streams`).
+
 Design choices:
-- Text buffer and visual buffer. The prompt is split once into a left-padded text buffer (B, Nt) and a
-  right-padded visual buffer (B, Nv), both in the dense order. Self-attention layers scatter them back
-  into the dense layout; text-only layers never touch visual tokens.
-- Masks are boolean, True = may attend. A row with no allowed key (padding, text before the first image
-  in cross-attention) returns zeros instead of NaN.
-- Batches mixing configurations run the union of their layers; a sample that did not choose a layer has
-  its visual keys masked out there and its visual tokens left unchanged, so it gets exactly what it gets
-  alone.
-- One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and
-  values, self-attention layers cache visual + text, and the cross-attention keys/values of the visual
-  tokens are computed once at prefill and kept in its `prompt` state. Decoding never touches visual tokens
-  outside S and C.
-- New parts start as identity (zero gates, zero CPE convolution), so a freshly grafted model at the full
-  budget with all layers in S is LLaVA-OneVision exactly.
+- The language model's layers are called through their own forward (module call), so hooks on them work as for
+  LLaVA-OneVision: accelerate's device placement and CPU/disk offload, PEFT, quantized linears, gradient
+  checkpointing, FSDP wrapping `Qwen2DecoderLayer`. VISOR's masks and cache reach the layer's attention through
+  transformers' attention interface: each layer's attention sees a `VisorLayerConfig` that names `visor_attention`,
+  while the text config keeps naming the kernel ("sdpa", "eager").
+- Text stream and visual stream. The prompt is split once into a left-padded text stream (B, Nt) and a right-padded
+  visual stream (B, Nv), both in the dense order. A self-attention layer runs on both put back in the dense layout;
+  text-only layers never touch visual tokens.
+- Masks are boolean, True = may attend; None where SDPA's own causal / no-mask kernel serves. A row with no allowed
+  key (padding, text before the first image in cross-attention) returns zeros instead of NaN. `VisorPromptState`
+  answers which mask a layer needs; which layers run is decided on the host, once per prompt.
+- Batches mixing configurations run the union of their layers; a sample that did not choose a layer has its visual
+  keys masked out there and its visual tokens left unchanged, so it gets exactly what it gets alone.
+- One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and values,
+  self-attention layers cache visual + text, and the cross-attention keys/values of the visual tokens are computed
+  once at prefill and kept in its `prompt` state. Decoding never touches visual tokens outside S and C.
+- New parts start as identity (zero gates, zero CPE convolution), so a freshly grafted model at the full budget with
+  all layers in S is LLaVA-OneVision exactly. `new_parameters()` names them; `init_new_parameters()` is their one
+  initialisation.
 
 Usage:
     model = VisorForConditionalGeneration.from_llava_onevision(llava_model)
