@@ -99,3 +99,40 @@ def test_new_parameters_are_what_llava_onevision_lacks_and_start_as_identity(lla
         got = model(**batch, budget="full", token_reduction="none").logits
     text = (batch["input_ids"] != IMAGE_TOKEN_ID) & batch["attention_mask"].bool()
     assert (got - expected).abs()[text].max() <= 1e-4
+
+
+def _without_placeholders(batch):
+    ids = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, 5)
+    return dict(batch, input_ids=ids)
+
+
+# (case, change to the batch, exception type, phrase of its message)
+BAD_INPUTS = [
+    ("float ids", lambda b: dict(b, input_ids=b["input_ids"].float()), TypeError, "integer tensor"),
+    ("1-D ids", lambda b: dict(b, input_ids=b["input_ids"][0], attention_mask=None), ValueError, r"\(batch, length\)"),
+    ("empty ids", lambda b: {"input_ids": b["input_ids"][:, :0]}, ValueError, "at least one token"),
+    ("mask shape", lambda b: dict(b, attention_mask=b["attention_mask"][:, 1:]), ValueError, "attention_mask has shape"),
+    ("embeds shape", lambda b: dict(b, inputs_embeds=torch.zeros(2, 3, 64)), ValueError, "inputs_embeds has shape"),
+    ("no image_sizes", lambda b: dict(b, image_sizes=None), ValueError, r"image_sizes must be \(2, 2\)"),
+    ("image_sizes shape", lambda b: dict(b, image_sizes=b["image_sizes"][:1]), ValueError, r"image_sizes must be \(2, 2\)"),
+    ("image_sizes value", lambda b: dict(b, image_sizes=-b["image_sizes"]), ValueError, "positive heights and widths"),
+    ("pixels, no placeholder", _without_placeholders, ValueError, "no image placeholder"),
+    ("placeholders, no pixels", lambda b: dict(b, pixel_values=None), ValueError, "pixel_values is None"),
+    ("score layer", lambda b: dict(b, token_reduction={"method": "visionzip", "keep_ratio": 0.5, "score_layer": 9}),
+     ValueError, r"score_layer=9 is out of range.*\[-2, 1\]"),
+    ("budget", lambda b: dict(b, budget=1.5), ValueError, "budget"),
+]
+
+
+@pytest.mark.parametrize("case, change, error, phrase", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error(visor, batch, case, change, error, phrase):
+    with pytest.raises(error, match=phrase), torch.no_grad():
+        visor(**change(dict(batch)))
+
+
+def test_int32_ids_give_what_int64_ids_give(visor, batch):
+    """As dense LLaVA-OneVision, VISOR accepts int32 token ids (some tokenizers and ONNX pipelines produce them)."""
+    with torch.no_grad():
+        expected = visor(**batch, budget=1).logits
+        got = visor(**dict(batch, input_ids=batch["input_ids"].int()), budget=1).logits
+    assert torch.equal(got, expected)

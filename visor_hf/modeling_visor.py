@@ -475,6 +475,47 @@ def init_new_module(module: nn.Module, std: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Input check at the model's boundary
+# --------------------------------------------------------------------------------------------------
+
+
+def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, image_token_id: int):
+    """The one check of a prompt's inputs, before anything runs: each error names the argument, the shape or value seen
+    and what is expected. Accepts what LLaVA-OneVision accepts (e.g. int32 ids, which `forward` makes int64)."""
+    if input_ids is None:
+        raise ValueError("VISOR needs input_ids: image placeholders are found by token id")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor of token ids; got {getattr(input_ids, 'dtype', type(input_ids))}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be (batch, length) with at least one token; got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(input_ids.shape)}, that of input_ids"
+        )
+    if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+        raise ValueError(
+            f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected {tuple(input_ids.shape)} + (hidden size,), "
+            "one embedding per token of input_ids (VISOR also needs input_ids to find the image placeholders)"
+        )
+    num_placeholders = int((input_ids == image_token_id).sum())
+    if pixel_values is None:
+        return
+    num_images = pixel_values.shape[0]
+    if image_sizes is None or tuple(torch.as_tensor(image_sizes).shape) != (num_images, 2):
+        seen = None if image_sizes is None else tuple(torch.as_tensor(image_sizes).shape)
+        raise ValueError(
+            f"image_sizes must be ({num_images}, 2), one (height, width) per image of pixel_values; got {seen}"
+        )
+    if (torch.as_tensor(image_sizes) <= 0).any():
+        raise ValueError(f"image_sizes must be positive heights and widths; got {torch.as_tensor(image_sizes).tolist()}")
+    if num_placeholders == 0:
+        raise ValueError(
+            f"pixel_values hold {num_images} images but input_ids has no image placeholder (token id {image_token_id}); "
+            "was the prompt truncated, or the image token left out of the text?"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # What flows through the layers, and what the layers need to know about the prompt
 # --------------------------------------------------------------------------------------------------
 
@@ -912,6 +953,13 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                     f"(pack factor {trained}); set config.token_reduction to {{'method': 'pack', 'pack_factor': k}} "
                     "and train the packing layer first"
                 )
+        if setting is not None and "score_layer" in setting:
+            num_vision_layers = self.config.vision_config.num_hidden_layers
+            if not -num_vision_layers <= setting["score_layer"] < num_vision_layers:
+                raise ValueError(
+                    f"token_reduction score_layer={setting['score_layer']} is out of range: the vision tower has "
+                    f"{num_vision_layers} layers, so it must be in [{-num_vision_layers}, {num_vision_layers - 1}]"
+                )
         return setting
 
     def visual_features_with_scores(self, pixel_values, image_sizes, batch_num_images, score_layer: int):
@@ -985,6 +1033,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         use_cache = use_cache if use_cache is not None else (self.config.get_text_config().use_cache and not self.training)
         if input_ids is None:
             raise ValueError("VISOR needs input_ids: image placeholders are found by token id")
+        input_ids = input_ids.long() if input_ids.dtype in (torch.int32, torch.int16, torch.uint8) else input_ids
         if isinstance(cache, VisorCache) and cache.prompt is not None:  # decoding: continue from the cache
             prompt, state = None, cache.prompt
             streams = self.decode_streams(input_ids, inputs_embeds, attention_mask, position_ids, state)
@@ -992,6 +1041,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
             cache = VisorCache() if use_cache else None
+            check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, self.config.image_token_id)
             prompt = self.build_prompt(
                 input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
                 token_reduction,
