@@ -52,7 +52,7 @@ def test_collator_labels_only_the_answers(workspace):
     from visor_hf.processing_visor import VisorProcessor
 
     processor = VisorProcessor.from_pretrained(workspace / "visor")
-    records = load_records(str(workspace / "data.jsonl"))
+    records = load_records(str(workspace / "data.jsonl"), str(workspace / "images"))
     collator = VisorDataCollator(processor, str(workspace / "images"))
     batch = collator([records[0], records[1], records[12]])  # two turns, one turn, text only
     tokenizer = processor.tokenizer
@@ -164,7 +164,7 @@ def test_router_learns_a_learnable_labelling(workspace, searched, tmp_path):
         question = ("z" if hard else "a") * 6
         records.append({"id": f"q{i}", "image": f"{i % 12}.png",
                         "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "x"}]})
-        label = [1, 4] if hard else []
+        label = [4, 1] if hard else []  # a configuration's layers in any order
         labels.append({"id": f"q{i}", "self_attn_layers": label, "question_labels": [label]})
     data, label_file = tmp_path / "router.jsonl", tmp_path / "labels.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -32,14 +32,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from .configuration_visor import VisorConfig, validate_token_reduction
+from .configuration_visor import HUB_CODE_FILES, VisorConfig, validate_token_reduction
 from .modeling_visor import VisorForConditionalGeneration
 from .training.data import VisorDataCollator, load_records
 from .training.evaluation import evaluate_configurations, select_viable, summarise
-from .training.pseudo_labels import pseudo_labels, sample_label
+from .training.pseudo_labels import configuration_index, pseudo_labels, sample_label
 from .training.trainer import RouterTrainer, VisorTrainer, set_trainable
-
-HUB_FILES = ("configuration_visor.py", "modeling_visor.py", "processing_visor.py")
 
 
 @dataclass
@@ -105,7 +103,7 @@ def save_folder(model, processor, output_dir: str) -> None:
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     package = os.path.dirname(os.path.abspath(__file__))
-    for name in HUB_FILES:
+    for name in HUB_CODE_FILES:
         shutil.copy(os.path.join(package, name), os.path.join(output_dir, name))
 
 
@@ -128,6 +126,7 @@ def run_training_stage(stage: str, argv: list[str]) -> str:
     parser = HfArgumentParser((DataArguments, TrainStageArguments, TrainingArguments))
     data_args, stage_args, args = parser.parse_args_into_dataclasses(argv)
     args = training_arguments(args)
+    dataset = load_records(data_args.data, data_args.image_folder or "")  # every record checked before the model loads
     model, processor = load_model_and_processor(data_args.model)
     if stage_args.token_reduction is not None:
         add_token_packer(model, stage_args.token_reduction, stage_args.pack_factor)
@@ -136,7 +135,7 @@ def run_training_stage(stage: str, argv: list[str]) -> str:
         raise ValueError(f"{stage}: no parameter to train")
     budgets = ["full"] if stage == "stage1" else [tuple(c) for c in model.config.configurations]
     trainer = VisorTrainer(
-        model=model, args=args, train_dataset=load_records(data_args.data),
+        model=model, args=args, train_dataset=dataset,
         data_collator=VisorDataCollator(processor, data_args.image_folder, data_args.max_length),
         budget_choices=budgets, stage=stage,
     )
@@ -187,12 +186,13 @@ def relative_flops(config: VisorConfig, configuration: tuple, num_vision_tokens:
 
 def run_search(argv: list[str]) -> str:
     data_args, search_args = HfArgumentParser((DataArguments, SearchArguments)).parse_args_into_dataclasses(argv)
+    dataset = load_records(data_args.data, data_args.image_folder or "")
     model, processor = load_model_and_processor(data_args.model)
     config = model.config
     full = tuple(config.self_attn_layers)
     candidates = candidate_subsets(config.self_attn_layers, search_args.max_candidates, search_args.seed)
     collator = VisorDataCollator(processor, data_args.image_folder, data_args.max_length)
-    rows = evaluate_configurations(model, load_records(data_args.data), collator, candidates, search_args.batch_size)
+    rows = evaluate_configurations(model, dataset, collator, candidates, search_args.batch_size)
     summary = summarise(rows, candidates)
     viable = select_viable(summary, full)
 
@@ -245,11 +245,12 @@ def plot_search(table: list[dict], path: str) -> None:
 
 def run_pseudo_label(argv: list[str]) -> str:
     data_args, label_args = HfArgumentParser((DataArguments, PseudoLabelArguments)).parse_args_into_dataclasses(argv)
+    dataset = load_records(data_args.data, data_args.image_folder or "")
     model, processor = load_model_and_processor(data_args.model)
     configurations = [tuple(c) for c in model.config.configurations]
     collator = VisorDataCollator(processor, data_args.image_folder, data_args.max_length)
     rows = evaluate_configurations(
-        model, load_records(data_args.data), collator, configurations, label_args.batch_size, label_args.group_by
+        model, dataset, collator, configurations, label_args.batch_size, label_args.group_by
     )
     labels = pseudo_labels(rows, configurations, label_args.min_relative_accuracy, label_args.group_by)
     by_record: dict = {}
@@ -272,19 +273,42 @@ def run_pseudo_label(argv: list[str]) -> str:
 class RouterCollator(VisorDataCollator):
     """Adds `router_labels` (B, questions): the index in config.configurations of each question's label."""
 
-    def __init__(self, processor, configurations, labels_by_id, **kwargs):
+    def __init__(self, processor, labels_by_id: dict, **kwargs):
         super().__init__(processor, **kwargs)
-        self.index = {tuple(c): i for i, c in enumerate(configurations)}
-        self.labels_by_id = labels_by_id
+        self.labels_by_id = labels_by_id  # record id -> configuration index per question (`read_router_labels`)
 
     def __call__(self, records):
         batch = super().__call__(records)
         questions = [self.labels_by_id[r["id"]] for r in records]
         width = max(len(q) for q in questions)
-        batch["router_labels"] = torch.tensor(
-            [[self.index[tuple(label)] for label in q] + [-100] * (width - len(q)) for q in questions]
-        )
+        batch["router_labels"] = torch.tensor([q + [-100] * (width - len(q)) for q in questions])
         return batch
+
+
+def read_router_labels(path: str, configurations) -> dict:
+    """labels.jsonl -> {record id: [configuration index per question]}. Every line is checked before training: a
+    malformed line, a missing field or a label that is not a configuration (layers in any order) is reported with
+    its line number, the first few in one error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--labels {path} does not exist")
+    labels, problems = {}, []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                labels[entry["id"]] = [configuration_index(label, configurations) for label in entry["question_labels"]]
+            except json.JSONDecodeError as error:
+                problems.append(f"line {number}: not JSON: {error.msg} (column {error.colno})")
+            except (KeyError, TypeError) as error:
+                problems.append(f"line {number}: expected {{'id': ..., 'question_labels': [[layers], ...]}} ({error!r})")
+            except ValueError as error:
+                problems.append(f"line {number} (id {entry.get('id')!r}): {error}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ValueError(f"--labels {path}: {len(problems)} bad lines:\n  " + "\n  ".join(problems[:5]) + more)
+    return labels
 
 
 @torch.no_grad()
@@ -311,14 +335,14 @@ def run_router(argv: list[str]) -> str:
     model, processor = load_model_and_processor(data_args.model)
     if model.config.routing_token_id is None:
         raise ValueError("router: the model has no routing token; convert it with python -m visor_hf.convert_llava_ov")
-    with open(router_args.labels) as f:
-        labels_by_id = {line["id"]: line["question_labels"] for line in map(json.loads, f)}
-    records = load_records(data_args.data).filter(lambda r: r["id"] in labels_by_id)
+    labels_by_id = read_router_labels(router_args.labels, model.config.configurations)
+    records = load_records(data_args.data, data_args.image_folder or "").filter(lambda r: r["id"] in labels_by_id)
+    if len(records) == 0:
+        raise ValueError(f"router: no record of --data {data_args.data} has a label in --labels {router_args.labels}")
     split = records.train_test_split(test_size=router_args.eval_fraction, seed=args.seed)
     set_trainable(model, "router")
     collator = RouterCollator(
-        processor, model.config.configurations, labels_by_id, image_folder=data_args.image_folder,
-        max_length=data_args.max_length,
+        processor, labels_by_id, image_folder=data_args.image_folder, max_length=data_args.max_length,
     )
     trainer = RouterTrainer(model=model, args=args, train_dataset=split["train"], data_collator=collator)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

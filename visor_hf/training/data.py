@@ -12,14 +12,19 @@ token after each question), runs the processor, and builds:
 - `labels`: the answer tokens of every assistant turn (through its `<|im_end|>`), -100 elsewhere;
 - `question_index`: for every label token, which question (0, 1, ...) it answers, -1 elsewhere.
 
+The whole file is checked before training starts (`load_records`): every record parses, names known speakers,
+has at least one answer turn and, when it has an image, the image file exists. The bad records (line numbers and
+ids, the first few) are reported in one error, so a run never trains at loss 0 or dies on a missing image hours in.
+
 Usage:
-    dataset = load_records("train.jsonl")
+    dataset = load_records("train.jsonl", image_folder="images/")
     collator = VisorDataCollator(processor, image_folder="images/")
     batch = collator([dataset[0], dataset[1]])
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -27,15 +32,110 @@ from PIL import Image
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_MARK = "<image>"
+MAX_REPORTED = 5  # bad records listed in the error; the count says how many more
 
 
-def load_records(path: str):
-    """A `datasets.Dataset` of the records in a JSON or JSONL file."""
+def load_records(path: str, image_folder: str | None = None):
+    """A `datasets.Dataset` of the records in a JSON (a list) or JSONL file, all checked first (`check_record`).
+
+    `image_folder`: what the records' image paths are relative to ("" for the working directory); every image is
+    checked to exist there. None leaves images unchecked (the collator still names a record whose image is missing
+    when it is drawn); the training commands always pass it.
+    Raises ValueError naming the file and the bad records (line and id, the first few, and how many in all)."""
     import datasets
 
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
-    return datasets.load_dataset("json", data_files=path, split="train")
+    records, problems = parse_records(path)
+    total = len(records) + len(problems)  # unparsable entries count as records
+    for where, record in records:
+        found = check_record(record, image_folder)
+        if found:
+            problems.append((where, record.get("id"), "; ".join(found)))
+    if problems:
+        raise ValueError(describe_problems(path, sorted(problems, key=position), total))
+    if not records:
+        raise ValueError(f"data file {path} holds no records")
+    rows = [record for _, record in records]
+    columns = {key: None for row in rows for key in row}  # every record gets every column (None where absent)
+    try:
+        return datasets.Dataset.from_list([{**columns, **row} for row in rows])
+    except (TypeError, ValueError) as error:  # pyarrow's errors derive from these
+        raise ValueError(f"data file {path}: a field holds values of different types across records ({error})") from error
+
+
+def parse_records(path: str) -> tuple[list, list]:
+    """([(where, record)], [(where, id, problem)]): a JSON list file as a whole, JSONL line by line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            return [], [(f"line {error.lineno}", None, f"not JSON: {error.msg} (column {error.colno})")]
+        lines = [(f"record {i}", item) for i, item in enumerate(data)]
+    else:
+        lines = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    lines.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    lines.append((f"line {number}", error))
+    records, problems = [], []
+    for where, item in lines:
+        if isinstance(item, json.JSONDecodeError):
+            problems.append((where, None, f"not JSON: {item.msg} (column {item.colno})"))
+        elif not isinstance(item, dict):
+            problems.append((where, None, f"a record is a JSON object, this is a {type(item).__name__}"))
+        else:
+            records.append((where, item))
+    return records, problems
+
+
+def check_record(record: dict, image_folder: str | None) -> list[str]:
+    """What is wrong with one record (empty when nothing): its turns, its answers, its image."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return ["no 'conversations' list of turns"]
+    problems = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or not isinstance(turn.get("from"), str):
+            problems.append(f"turn {i} is not {{'from': speaker, 'value': text}}")
+        elif turn["from"] not in ROLES:
+            problems.append(f"turn {i} has unknown speaker {turn['from']!r}; allowed: {sorted(ROLES)}")
+    speakers = [ROLES.get(turn.get("from")) for turn in turns if isinstance(turn, dict)]
+    if "assistant" not in speakers:
+        problems.append("no answer turn (from 'gpt' or 'assistant'): it would train nothing")
+    image = record.get("image")
+    marked = any(IMAGE_MARK in str(turn.get("value")) for turn in turns if isinstance(turn, dict))
+    if image and not isinstance(image, str):
+        problems.append(f"'image' is {image!r}: one file name per record is supported")
+    elif image and image_folder is not None:
+        path = os.path.join(image_folder, image)
+        if not os.path.isfile(path):
+            problems.append(f"image {path} not found" + ("" if image_folder else " (no --image_folder given)"))
+    elif marked:
+        problems.append(f"{IMAGE_MARK} in its text but no 'image' field")
+    return problems
+
+
+def position(problem: tuple) -> int:
+    """File order of a problem ("line 12" / "record 3")."""
+    return int(problem[0].rsplit(" ", 1)[1])
+
+
+def describe_problems(path: str, problems: list, num_records: int) -> str:
+    """One message for every bad record: how many, and the first few with their line (or index) and id."""
+    shown = [
+        f"  {where}" + (f" (id {record_id!r})" if record_id is not None else "") + f": {problem}"
+        for where, record_id, problem in problems[:MAX_REPORTED]
+    ]
+    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    return (
+        f"data file {path}: {len(problems)} of {num_records} records cannot be trained on; fix them before training:\n"
+        + "\n".join(shown) + more
+    )
 
 
 def to_messages(record: dict) -> list[dict]:

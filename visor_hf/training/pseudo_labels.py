@@ -54,7 +54,21 @@ def pseudo_labels(rows: list[dict], configurations: list, min_relative_accuracy:
     return [labels[row[group_by]] for row in rows]
 
 
+def configuration_index(label, configurations: list) -> int:
+    """The index in `configurations` of a label given as a list of self-attention layers, in any order
+    (`[4, 1]` is `(1, 4)`). Raises ValueError naming the allowed configurations."""
+    try:
+        key = tuple(sorted(int(layer) for layer in label))
+    except (TypeError, ValueError):
+        key = None
+    for i, configuration in enumerate(configurations):
+        if key is not None and tuple(sorted(configuration)) == key:
+            return i
+    allowed = ", ".join(str(list(c)) for c in configurations)
+    raise ValueError(f"label {label!r} is not one of the model's configurations; allowed (layers in any order): {allowed}")
+
+
 def sample_label(question_labels: list, configurations: list):
     """The configuration a record with several questions runs at inference: the most expensive one."""
-    order = {tuple(c): i for i, c in enumerate(configurations)}
-    return max((tuple(label) for label in question_labels), key=lambda c: order[c])
+    index = max(configuration_index(label, configurations) for label in question_labels)
+    return tuple(configurations[index])

@@ -1,8 +1,8 @@
 """Trainer subclasses and parameter freezing for VISOR's training stages (paper, sections 4.2.3 and 4.3).
 
 - `set_trainable(model, stage)`: which parameters a stage trains.
-    stage1:    the new parts only (cross-attention layers with their gates and CPE, the VISOR-TR packing layer
-               if any, routing-token embedding row)
+    stage1:    the new parts only: the model's `new_parameters()` but the router (cross-attention layers with
+               their gates and CPE, the VISOR-TR packing layer if any), and the routing-token embedding row
     universal: the language model, projector and new parts; the vision tower only with `train_vision_tower`
     router:    the router MLP only
 - `VisorTrainer`: draws one configuration per optimisation step (universal fine-tuning). The draw is a
@@ -23,8 +23,16 @@ from transformers import Trainer
 STAGES = ("stage1", "universal", "router")
 
 
-def new_part(name: str) -> bool:
-    return ".cross_attn." in name or name.startswith("cross_attn.") or "token_packer." in name
+def stage_parameters(model, stage: str, train_vision_tower: bool = False) -> set[int]:
+    """The ids of the parameters `stage` trains. What is new comes from the model (`new_parameters()`), the router
+    and vision tower from their modules: no name patterns."""
+    router = {id(p) for p in model.model.router.parameters()}
+    if stage == "router":
+        return router
+    if stage == "stage1":
+        return {id(p) for p in model.new_parameters().values()} - router
+    vision = set() if train_vision_tower else {id(p) for p in model.model.vision_tower.parameters()}
+    return {id(p) for p in model.parameters()} - router - vision
 
 
 def set_trainable(model, stage: str, train_vision_tower: bool = False) -> list[str]:
@@ -32,14 +40,9 @@ def set_trainable(model, stage: str, train_vision_tower: bool = False) -> list[s
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; allowed: {STAGES}")
     routing_id = model.config.routing_token_id
-    for name, param in model.named_parameters():
-        if stage == "stage1":
-            train = new_part(name)
-        elif stage == "universal":
-            train = ".router." not in name and (train_vision_tower or ".vision_tower." not in name)
-        else:
-            train = ".router." in name
-        param.requires_grad_(train)
+    trained = stage_parameters(model, stage, train_vision_tower)
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trained)
     if stage == "stage1" and routing_id is not None:
         embeddings = model.get_input_embeddings().weight
         embeddings.requires_grad_(True)
