@@ -88,6 +88,46 @@ def precomputed_reduction(target, reduced: list, kept: list):
         del target.reduce_visual_tokens
 
 
+def reduction_settings(args, vision_layers: int) -> list[dict]:
+    """The setting of each --token-reduction method at --keep-ratio; an error where one would keep every token."""
+    settings = [reduction_setting(m, args.keep_ratio, vision_layers) for m in args.token_reduction]
+    for method, setting in zip(args.token_reduction, settings):
+        if setting is None:
+            raise ValueError(f"--keep-ratio {args.keep_ratio} keeps every token for {method}"
+                             + (" (pack factor round(1 / r) = 1)" if method == "pack" else "") + ": nothing to compare")
+    return settings
+
+
+def plan_rows(config, settings: list[dict], budgets: list, image_size, num_text: int, vision_layers: int) -> list[dict]:
+    """The rows of one image, in order, with their FLOPs and kept tokens: dense, dense + each pruning method, each
+    budget alone and with each reduction, then dense + pruning at the keep ratio matching each VISOR row's LLM FLOPs."""
+    num_visual, num_crops = num_visual_tokens(config, image_size), num_crops_for_image(config, image_size)
+
+    def row(name, kind, budget, setting, matched_to=None) -> dict:
+        counted = count_flops(config, num_visual, num_text, "full" if budget is None else budget, num_crops=num_crops,
+                              token_reduction=setting, image_size=image_size)
+        return {"image_size": f"{image_size[0]}x{image_size[1]}", "num_visual": num_visual, "num_text": num_text,
+                "model": name, "kind": kind, "budget": budget, "setting": setting, "matched_to": matched_to,
+                "kept": counted["num_vision_tokens_kept"], "flops_llm": counted[kind]["llm"],
+                "flops_selection": counted[kind]["breakdown"].get("token_selection", 0)}
+
+    rows = [row("dense", "dense", None, None)]
+    rows += [row(f"dense + {label(s)}", "dense", None, s) for s in settings if s["method"] in PRUNING]
+    for budget in budgets:
+        rows.append(row(f"VISOR {budget}", "visor", budget, None))
+        rows += [row(f"VISOR {budget} + {label(s)}", "visor", budget, s) for s in settings]
+    for visor_row in [r for r in rows if r["kind"] == "visor"]:
+        target, setting = visor_row["flops_llm"], visor_row["setting"]
+        method = setting["method"] if setting is not None and setting["method"] in PRUNING else "visionzip"
+        ratio = keep_ratio_for_flops(config, image_size, num_text, method, target)
+        matched = row("", "dense", None, reduction_setting(method, ratio, vision_layers), visor_row["model"])
+        # newline tokens are always kept: dense + pruning may not get down to the target at any ratio
+        reached = abs(matched["flops_llm"] - target) <= 0.02 * target
+        matched["model"] = f"dense + {method} @ {ratio:.3g} ({'=' if reached else 'closest to'} {visor_row['model']})"
+        rows.append(matched)
+    return rows
+
+
 def bench_image(args, llava, visor, budgets, image_size, clock, generator) -> list[dict]:
     """Every row at one image size."""
     config, device, dtype = visor.config, args.device, getattr(torch, args.dtype)
@@ -104,11 +144,7 @@ def bench_image(args, llava, visor, budgets, image_size, clock, generator) -> li
     # the scoring layer's query and key projections, which the model captures as the tower runs
     queries, keys = (torch.randn(num_crops, tokens, width, generator=generator).to(device, dtype) for _ in range(2))
 
-    settings = [reduction_setting(m, args.keep_ratio, vision_layers) for m in args.token_reduction]
-    for method, setting in zip(args.token_reduction, settings):
-        if setting is None:
-            raise ValueError(f"--keep-ratio {args.keep_ratio} keeps every token for {method}"
-                             + (" (pack factor round(1 / r) = 1)" if method == "pack" else "") + ": nothing to compare")
+    settings = reduction_settings(args, vision_layers)
     packers = {s["pack_factor"]: packing_model(llava, visor, s["pack_factor"]) for s in settings if s["method"] == "pack"}
 
     def select(setting):
@@ -124,38 +160,9 @@ def bench_image(args, llava, visor, budgets, image_size, clock, generator) -> li
         mask[positions] = True
         return [chosen], [mask]
 
-    # (name, kind, budget, setting, matched-to name)
-    entries = [("dense", "dense", None, None, None)]
-    entries += [(f"dense + {label(s)}", "dense", None, s, None) for s in settings if s["method"] in PRUNING]
-    for budget in budgets:
-        entries.append((f"VISOR {budget}", "visor", budget, None, None))
-        entries += [(f"VISOR {budget} + {label(s)}", "visor", budget, s, None) for s in settings]
-
-    def flops_of(kind, budget, setting):
-        counted = count_flops(config, num_visual, num_text, "full" if budget is None else budget, num_crops=num_crops,
-                              token_reduction=setting, image_size=image_size)
-        entry = counted[kind]
-        return entry["llm"], entry["breakdown"].get("token_selection", 0), counted["num_vision_tokens_kept"]
-
-    for name, kind, budget, setting, _ in list(entries):
-        if kind != "visor":
-            continue
-        target = flops_of(kind, budget, setting)[0]
-        method = setting["method"] if setting is not None and setting["method"] in PRUNING else "visionzip"
-        ratio = keep_ratio_for_flops(config, image_size, num_text, method, target)
-        matched = reduction_setting(method, ratio, vision_layers)
-        # newline tokens are always kept: dense + pruning may not get down to the target at any ratio
-        reached = abs(flops_of("dense", None, matched)[0] - target) <= 0.02 * target
-        entries.append((f"dense + {method} @ {ratio:.3g} ({'=' if reached else 'closest to'} {name})", "dense", None,
-                        matched, name))
-
-    rows = {}
-    for name, kind, budget, setting, matched_to in entries:
-        llm, selection, kept = flops_of(kind, budget, setting)
-        rows[name] = {"image_size": f"{image_size[0]}x{image_size[1]}", "num_visual": num_visual, "num_text": num_text,
-                      "model": name, "kind": kind, "budget": budget, "setting": setting, "matched_to": matched_to,
-                      "kept": kept, "flops_llm": llm, "flops_selection": selection,
-                      "vision_s": [], "select_s": [], "prefill_s": []}
+    rows = plan_rows(config, settings, budgets, image_size, num_text, vision_layers)
+    for row in rows:
+        row.update(vision_s=[], select_s=[], prefill_s=[])
 
     call_kwargs = {"use_cache": True, "logits_to_keep": 1}  # what generate asks of a prefill
 
@@ -175,21 +182,21 @@ def bench_image(args, llava, visor, budgets, image_size, clock, generator) -> li
         for repeat in range(args.warmup + args.repeats):
             timed = repeat >= args.warmup
             _, vision_s = clock(lambda: common.vision_encoder(llava, pixel_values), retry=timed)
-            for name, kind, budget, setting, _ in entries:
-                row = rows[name]
-                reduced, kept, select_s = None, None, 0.0
+            for row in rows:
+                setting, reduced, kept, select_s = row["setting"], None, None, 0.0
                 if setting is not None:
                     (reduced, kept), select_s = clock(lambda: select(setting), retry=timed)
                     if int(kept[0].sum()) != row["kept"]:
-                        raise AssertionError(f"{name}: {int(kept[0].sum())} tokens kept, count_flops says {row['kept']}")
-                call, reducer = prefill_call(kind, budget, setting)
+                        raise AssertionError(f"{row['model']}: {int(kept[0].sum())} tokens kept, count_flops says "
+                                             f"{row['kept']}")
+                call, reducer = prefill_call(row["kind"], row["budget"], setting)
                 with precomputed_reduction(reducer, reduced, kept) if reducer is not None else contextlib.nullcontext():
                     _, prefill_s = clock(call, retry=timed)
                 if timed:
                     row["vision_s"].append(vision_s)
                     row["select_s"].append(select_s)
                     row["prefill_s"].append(prefill_s)
-    return finish(list(rows.values()))
+    return finish(rows)
 
 
 def finish(rows: list[dict]) -> list[dict]:
