@@ -9,7 +9,6 @@
 - The new parameters and their initialisation come from the model (`new_parameters()` / `init_new_parameters()`).
 """
 
-import json
 import os
 import random
 import shutil
@@ -171,7 +170,8 @@ BAD_SOURCES = {
                                r"has no image processor config: expected preprocessor_config\.json"),
     "no-tokenizer": (None, ["tokenizer_config.json"], None, ValueError, r"has no tokenizer \(tokenizer_config\.json\)"),
     "nan-weight": (set_nan, [], None, ValueError,
-                   r"model\.safetensors: tensor model\.language_model\.layers\.3\.mlp\.up_proj\.weight has 1 non-finite"),
+                   r"model\.safetensors: tensor model\.language_model\.layers\.3\.mlp\.up_proj\.weight "
+                   r"has 1 non-finite"),
     "integer-weight": (set_int, [], None, ValueError,
                        r"model\.safetensors stores model\.multi_modal_projector\.linear_2\.bias as I64; .*floating"),
     "truncated-file": (None, [], truncate, ValueError,

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import json
 import os
 import re
@@ -354,9 +355,9 @@ def staging_folder(dst_dir: Path) -> Path:
     leftovers of earlier conversions to the same folder that were killed (their process is gone)."""
     dst_dir.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{dst_dir.name}{STAGING_MARK}"
-    for leftover in dst_dir.parent.glob(f"{prefix}*"):
+    for leftover in dst_dir.parent.iterdir():
         pid = leftover.name.removeprefix(prefix).split("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if leftover.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=dst_dir.parent))
 
@@ -374,7 +375,9 @@ def process_alive(pid: int) -> bool:
 def publish(staging: Path, dst_dir: Path) -> None:
     """Move the complete, verified `staging` folder to `dst_dir`, so that `dst_dir` is always either what it was or
     the new folder. An absent or empty `dst_dir` is replaced by one rename; a non-empty one (`--overwrite`) swaps
-    places with `staging` in one atomic exchange, and the old folder, now at `staging`, is deleted after."""
+    places with `staging` in one atomic exchange, and the old folder, now at `staging`, is deleted after. The files
+    are flushed to disk first, so that a power cut cannot leave the new name on missing data either."""
+    sync_folder(staging)
     if not dst_dir.exists() or not any(dst_dir.iterdir()):
         os.replace(staging, dst_dir)  # rename(2) replaces an empty folder atomically
         return
@@ -403,9 +406,22 @@ def exchange_paths(a: Path, b: Path) -> bool:
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
     error = ctypes.get_errno()
-    if error in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the kernel or filesystem cannot exchange
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the kernel or filesystem cannot exchange
         return False
     raise OSError(error, f"cannot swap {a} and {b}: {os.strerror(error)}")
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync every file of `folder` and the folder itself (where the platform allows opening a folder)."""
+    for path in [*folder.iterdir(), folder]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # e.g. folders on Windows
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_folder(path: Path) -> None:

@@ -61,7 +61,9 @@ def load_records(path: str, image_folder: str | None = None):
     try:
         return datasets.Dataset.from_list([{**columns, **row} for row in rows])
     except (TypeError, ValueError) as error:  # pyarrow's errors derive from these
-        raise ValueError(f"data file {path}: a field holds values of different types across records ({error})") from error
+        raise ValueError(
+            f"data file {path}: a field holds values of different types across records ({error})"
+        ) from error
 
 
 def parse_records(path: str) -> tuple[list, list]:
@@ -100,11 +102,12 @@ def check_record(record: dict, image_folder: str | None) -> list[str]:
         return ["no 'conversations' list of turns"]
     problems = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or not isinstance(turn.get("from"), str):
+        well_formed = isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("from", "value"))
+        if not well_formed:
             problems.append(f"turn {i} is not {{'from': speaker, 'value': text}}")
         elif turn["from"] not in ROLES:
             problems.append(f"turn {i} has unknown speaker {turn['from']!r}; allowed: {sorted(ROLES)}")
-    speakers = [ROLES.get(turn.get("from")) for turn in turns if isinstance(turn, dict)]
+    speakers = [ROLES.get(turn["from"]) for turn in turns if isinstance(turn, dict) and isinstance(turn.get("from"), str)]
     if "assistant" not in speakers:
         problems.append("no answer turn (from 'gpt' or 'assistant'): it would train nothing")
     image = record.get("image")

@@ -65,7 +65,9 @@ def configuration_index(label, configurations: list) -> int:
         if key is not None and tuple(sorted(configuration)) == key:
             return i
     allowed = ", ".join(str(list(c)) for c in configurations)
-    raise ValueError(f"label {label!r} is not one of the model's configurations; allowed (layers in any order): {allowed}")
+    raise ValueError(
+        f"label {label!r} is not one of the model's configurations; allowed (layers in any order): {allowed}"
+    )
 
 
 def sample_label(question_labels: list, configurations: list):
