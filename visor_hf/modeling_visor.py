@@ -537,12 +537,15 @@ class VisorStreams:
     visual_image_ids: torch.Tensor | None = None  # (B, Nv) which image a visual slot belongs to, -1 for padding
     visual_layout: VisualLayout | None = None  # of visual_image_ids, computed once for every CPE
 
-    def dense(self, is_visual: torch.Tensor) -> torch.Tensor:
-        """[V; T] in the dense order, (B, S, H). The two streams are padded to the longest sample's, so their slots
-        overlap in the dense layout where one sample has more visual tokens than another: `is_visual` (B, S) decides."""
+    def dense(self, is_visual: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[V; T] in the dense order, (B, S, H), of all samples or of `rows`. The two streams are padded to the longest
+        sample's, so their slots overlap in the dense layout where one sample has more visual tokens than another:
+        `is_visual` (B, S) decides."""
+        pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
+        is_visual = pick(is_visual)
         out = self.text.new_zeros(*is_visual.shape, self.text.shape[-1])
-        visual = out.scatter(1, expand_index(self.visual_index, out), self.visual)
-        text = out.scatter(1, expand_index(self.text_index, out), self.text)
+        visual = out.scatter(1, expand_index(pick(self.visual_index), out), pick(self.visual))
+        text = out.scatter(1, expand_index(pick(self.text_index), out), pick(self.text))
         return torch.where(is_visual.unsqueeze(-1), visual, text)
 
     def split(self, dense: torch.Tensor, runs: torch.Tensor) -> None:
@@ -584,6 +587,7 @@ class VisorPromptState:
     active: torch.Tensor | None = None  # (B, L) on the device: sample b runs layer l on its visual tokens
     visual_layers: frozenset = frozenset()  # layers whose cache holds visual + text keys
     shared_layers: frozenset = frozenset()  # layers every sample with images runs: no visual key to hide there
+    _row_groups: dict = field(default_factory=dict)  # see row_groups
 
     def set_configurations(self, configurations: list[tuple[int, ...]]) -> None:
         """The self-attention layers of each sample (decided on the host, so no layer waits for the GPU to say so)."""
@@ -596,14 +600,28 @@ class VisorPromptState:
         self.visual_layers = frozenset(set().union(*runs))
         self.shared_layers = frozenset(set.intersection(*runs) if runs else range(self.num_layers))
 
+    def row_groups(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """At prefill, which samples run `layer` on their visual tokens and which run it on their text only, as device
+        row indices (dense_rows, text_rows); text_rows is None when every sample runs it, and None overall when none
+        does. Decided on the host; the index tensors are made once per distinct split."""
+        if layer not in self.visual_layers:
+            return None
+        runs = tuple(has_visual and layer in c for c, has_visual in zip(self.configurations, self.has_visual))
+        if all(runs):
+            return self.active[:, layer], None
+        if runs not in self._row_groups:
+            as_rows = lambda keep: torch.tensor([b for b, r in enumerate(runs) if r == keep], device=self.is_visual.device)
+            self._row_groups[runs] = (as_rows(True), as_rows(False))
+        return self._row_groups[runs]
+
     def text_mask(self, num_queries: int) -> torch.Tensor | None:
         """A text-only layer: the Q new text tokens read the text keys up to themselves."""
         return causal_allowed(self.text_valid, num_queries) if self.text_padded else None
 
-    def dense_mask(self, layer: int, num_queries: int) -> torch.Tensor | None:
+    def dense_mask(self, layer: int, num_queries: int, rows=None) -> torch.Tensor | None:
         """A layer in `visual_layers`: the Q newest tokens of the dense sequence read the keys up to themselves, except
-        the visual keys of samples that skip this layer."""
-        if not self.dense_padded and layer in self.shared_layers:
+        the visual keys of samples that skip this layer. `rows`: only samples that all run the layer will use it."""
+        if not self.dense_padded and (layer in self.shared_layers or rows is not None):
             return None
         is_visual = F.pad(self.is_visual, (0, self.dense_valid.shape[1] - self.is_visual.shape[1]))
         hidden = is_visual & ~self.active[:, layer : layer + 1]
@@ -679,6 +697,18 @@ class VisorPrompt:
 # --------------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------------
+
+
+class KeyValueRecorder:
+    """Stands in for the cache when a layer runs on part of a batch at prefill (`VisorModel.mixed_layer_step`): keeps
+    the keys/values the layer computes, so that the step can store the whole batch's in the real cache at once."""
+
+    def __init__(self):
+        self.key_values = None
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.key_values = (key, value)
+        return key, value  # a prompt has no earlier keys
 
 
 class VisorCache(DynamicCache):
@@ -1073,12 +1103,15 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         both run through here. The layer is called through its own forward (module call), so hooks on it work."""
         layer = self.language_model.layers[layer_idx]
         implementation = self.config.text_config._attn_implementation or "sdpa"
-        if streams.visual is not None and layer_idx in state.visual_layers:  # prefill: [V; T] in the dense order
+        rows = state.row_groups(layer_idx) if streams.visual is not None else None
+        if rows is not None and rows[1] is None:  # prefill, every sample runs the layer on [V; T] in the dense order
             dense = layer(
                 streams.dense(state.is_visual), attention_mask=state.dense_mask(layer_idx, state.is_visual.shape[1]),
                 position_embeddings=streams.dense_rope, **{CACHE_FIELD: cache},
             )
             streams.split(dense, state.active[:, layer_idx])
+        elif rows is not None:  # prefill, some samples run it on [V; T], the others on T only
+            self.mixed_layer_step(layer, layer_idx, streams, state, cache, *rows)
         else:  # text only; when decoding, a layer in visual_layers reads the visual keys its cache holds
             num_queries = streams.text.shape[1]
             mask = state.dense_mask(layer_idx, num_queries) if layer_idx in state.visual_layers else state.text_mask(num_queries)
@@ -1088,6 +1121,37 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 streams.text, streams.cross_mask, implementation, key_values=state.cross_key_values.get(layer_idx),
                 visual=streams.visual, image_ids=streams.visual_image_ids, layout=streams.visual_layout,
             )
+
+    def mixed_layer_step(self, layer, layer_idx: int, streams, state, cache, dense_rows, text_rows) -> None:
+        """Prefill of a layer that some samples (`dense_rows`) run on [V; T] and the others (`text_rows`) skip: each group
+        runs as what it is, so a sample pays for what it runs. The cache keeps the dense layout at this layer, the
+        skipping samples' keys at their text positions (their visual slots stay empty and `dense_mask` hides them)."""
+        length = state.is_visual.shape[1]
+        recorders = (KeyValueRecorder(), KeyValueRecorder()) if cache is not None else (None, None)
+        pick = lambda x, rows: None if x is None else x.index_select(0, rows)
+        dense = layer(
+            streams.dense(state.is_visual, dense_rows), attention_mask=pick(state.dense_mask(layer_idx, length, dense_rows), dense_rows),
+            position_embeddings=tuple(pick(x, dense_rows) for x in streams.dense_rope), **{CACHE_FIELD: recorders[0]},
+        )
+        text = layer(
+            pick(streams.text, text_rows), attention_mask=pick(state.text_mask(streams.text.shape[1]), text_rows),
+            position_embeddings=tuple(pick(x, text_rows) for x in streams.text_rope), **{CACHE_FIELD: recorders[1]},
+        )
+        text_index, visual_index = pick(streams.text_index, dense_rows), pick(streams.visual_index, dense_rows)
+        streams.text = streams.text.index_copy(0, text_rows, text).index_copy(
+            0, dense_rows, dense.gather(1, expand_index(text_index, dense))
+        )
+        streams.visual = streams.visual.index_copy(0, dense_rows, dense.gather(1, expand_index(visual_index, dense)))
+        if cache is not None:  # (B, kvh, S, d): the dense rows' keys as they are, the text rows' at their text positions
+            slots = pick(streams.text_index, text_rows)
+            merged = []
+            for dense_kv, text_kv in zip(recorders[0].key_values, recorders[1].key_values):
+                out = dense_kv.new_zeros(state.is_visual.shape[0], *dense_kv.shape[1:]).index_copy(0, dense_rows, dense_kv)
+                spread = dense_kv.new_zeros(len(text_rows), *dense_kv.shape[1:]).scatter(
+                    2, slots[:, None, :, None].expand(-1, text_kv.shape[1], -1, text_kv.shape[-1]), text_kv
+                )
+                merged.append(out.index_copy(0, text_rows, spread))
+            cache.update(*merged, layer_idx)
 
     # ---- prefill: the prompt and its two streams ----------------------------------------------------
 
@@ -1132,16 +1196,17 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         """Split the dense sequence into a left-padded text stream and a right-padded visual stream (both in the dense
         order), and set up the prompt state. The sizes the host needs come from the device in one sync."""
         is_visual, valid = prompt.is_visual, prompt.valid
-        is_text = ~is_visual  # padding counts as text here
-        counts = torch.stack([is_text.sum(1), is_visual.sum(1), (is_text & valid).sum(1), valid.all(1)]).cpu()  # (4, B)
+        is_text = ~is_visual & valid  # padding belongs to neither stream: a sample pays for its own tokens only
+        counts = torch.stack([is_text.sum(1), is_visual.sum(1), valid.all(1)]).cpu()  # (3, B)
         num_text, num_visual = int(counts[0].max()), int(counts[1].max())
-        order = torch.argsort(is_text.to(torch.int8), dim=1, stable=True)  # visual positions first, then text
+        # visual positions first, then padding, then text: each stream's slots are its tokens, then filler positions
+        order = torch.argsort(torch.where(is_visual, 0, 1 + is_text.to(torch.int8)), dim=1, stable=True)
         text_index, visual_index = order[:, order.shape[1] - num_text :], order[:, :num_visual]  # (B, Nt), (B, Nv)
         visual_valid = is_visual.gather(1, visual_index)
         state = VisorPromptState(
-            is_visual=is_visual, dense_valid=valid, text_valid=is_text.gather(1, text_index) & valid.gather(1, text_index),
+            is_visual=is_visual, dense_valid=valid, text_valid=is_text.gather(1, text_index),
             visual_valid=visual_valid, has_visual=(counts[1] > 0).tolist(), num_layers=self.config.num_layers,
-            dense_padded=not bool(counts[3].all()), text_padded=bool((counts[2] < num_text).any()),
+            dense_padded=not bool(counts[2].all()), text_padded=bool((counts[0] < num_text).any()),
             visual_padded=bool((counts[1] < num_visual).any()), seq_length=prompt.length,
         )
         self.start_configurations(state, configurations)
