@@ -18,8 +18,15 @@ Usage:
 
 from __future__ import annotations
 
+import transformers
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
+
+# The one switch between the two supported transformers lines (4.57.x and 5.x); every other file imports it.
+TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+# The code files a Hub repository carries next to the weights (they import only each other, torch, transformers, PIL).
+HUB_CODE_FILES = ("configuration_visor.py", "modeling_visor.py", "processing_visor.py")
 
 try:  # transformers >= 5
     from transformers.configuration_utils import SubConfigSpec
@@ -109,6 +116,48 @@ def spread_subset(layers: list[int], k: int) -> tuple[int, ...]:
         return ()
     n = len(layers)
     return tuple(layers[min(n - 1, int((j + 0.5) * n / k))] for j in range(k))
+
+
+def num_visual_tokens(config, image_size, multi_image: bool = False) -> int:
+    """Visual tokens LLaVA-OneVision makes of one image of `image_size` (height, width) pixels.
+
+    The one owner of this count: the processor (placeholders to expand), FLOPs, the model card, the test helpers and
+    the toy world ask it. `config` is a `VisorConfig` or a `LlavaOnevisionConfig` (anything with
+    `vision_config.image_size`, `vision_config.patch_size`, `image_grid_pinpoints`, `vision_aspect_ratio` and
+    `vision_feature_select_strategy`). Counted as `LlavaOnevisionModel.pack_image_features` packs the features:
+
+    - an image alone in its sample: the base crop's tokens; then the anyres grid of the pinpoint
+      `select_best_resolution` picks, with the rows (or columns) of its padding removed (`unpad_image`), shrunk by
+      bilinear interpolation when it holds more than 1.1^2 times `anyres_max_N` crops' worth; one newline token a row;
+    - `multi_image` (one of several images in its sample): the base crop's tokens and one newline token.
+
+    With `vision_feature_select_strategy="default"` the count is one less (the CLS token), as transformers'
+    LLaVA-OneVision processor counts it.
+    """
+    import math  # imported here: the rest of this file needs neither
+
+    from transformers.image_processing_utils import select_best_resolution
+
+    crop = config.vision_config.image_size
+    side = crop // config.vision_config.patch_size  # tokens along a crop's side (27 for SigLIP-384/14)
+    base = side * side - (1 if config.vision_feature_select_strategy == "default" else 0)
+    if multi_image:
+        return base + 1
+    height, width = (int(x) for x in image_size)
+    best_height, best_width = select_best_resolution([height, width], config.image_grid_pinpoints)
+    rows, cols = side * (best_height // crop), side * (best_width // crop)  # the grid's tokens, padding included
+    # unpad_image: the image was resized into the grid keeping its aspect ratio, then padded on the other axis
+    if width / height > cols / rows:
+        new_rows = int(round(height * (cols / width), 7))
+        rows -= 2 * ((rows - new_rows) // 2)
+    else:
+        new_cols = int(round(width * (rows / height), 7))
+        cols -= 2 * ((cols - new_cols) // 2)
+    max_crops = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    ratio = math.sqrt(rows * cols / (max_crops * side * side))
+    if ratio > 1.1:  # the model interpolates the grid down to this size
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return base + rows * cols + rows  # base crop + grid + one newline a row
 
 
 class VisorConfig(PretrainedConfig):

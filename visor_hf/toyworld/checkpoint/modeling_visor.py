@@ -10,21 +10,31 @@ What VISOR changes is which tokens each language-model layer sees:
         else:                                                  T      = Layer_l(T)        (text only)
         if l in config.cross_attn_layers:                      T      = T + tanh(g_l) * XAttn_l(T, CPE_l(V))
 
+How a forward call reads (`VisorModel.forward`): build the prompt (`build_prompt`: embeddings, visual features,
+optional token reduction) -> split it into a text and a visual stream and set up the prompt state (`split_prompt`) ->
+for each layer one `layer_step`, shared by prefill and decode -> norm. A decoding step enters the same loop with its
+new tokens as the text stream (`decode_streams`).
+
 Design choices:
-- Text buffer and visual buffer. The prompt is split once into a left-padded text buffer (B, Nt) and a
-  right-padded visual buffer (B, Nv), both in the dense order. Self-attention layers scatter them back
-  into the dense layout; text-only layers never touch visual tokens.
-- Masks are boolean, True = may attend. A row with no allowed key (padding, text before the first image
-  in cross-attention) returns zeros instead of NaN.
-- Batches mixing configurations run the union of their layers; a sample that did not choose a layer has
-  its visual keys masked out there and its visual tokens left unchanged, so it gets exactly what it gets
-  alone.
-- One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and
-  values, self-attention layers cache visual + text, and the cross-attention keys/values of the visual
-  tokens are computed once at prefill and kept in its `prompt` state. Decoding never touches visual tokens
-  outside S and C.
-- New parts start as identity (zero gates, zero CPE convolution), so a freshly grafted model at the full
-  budget with all layers in S is LLaVA-OneVision exactly.
+- The language model's layers are called through their own forward (module call), so hooks on them work as for
+  LLaVA-OneVision: accelerate's device placement and CPU/disk offload, PEFT, quantized linears, gradient
+  checkpointing, FSDP wrapping `Qwen2DecoderLayer`. VISOR's masks and cache reach the layer's attention through
+  transformers' attention interface: each layer's attention sees a `VisorLayerConfig` that names `visor_attention`,
+  while the text config keeps naming the kernel ("sdpa", "eager").
+- Text stream and visual stream. The prompt is split once into a left-padded text stream (B, Nt) and a right-padded
+  visual stream (B, Nv), both in the dense order. A self-attention layer runs on both put back in the dense layout;
+  text-only layers never touch visual tokens.
+- Masks are boolean, True = may attend; None where SDPA's own causal / no-mask kernel serves. A row with no allowed
+  key (padding, text before the first image in cross-attention) returns zeros instead of NaN. `VisorPromptState`
+  answers which mask a layer needs; which layers run is decided on the host, once per prompt.
+- Batches mixing configurations run the union of their layers; a sample that did not choose a layer has its visual
+  keys masked out there and its visual tokens left unchanged, so it gets exactly what it gets alone.
+- One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and values,
+  self-attention layers cache visual + text, and the cross-attention keys/values of the visual tokens are computed
+  once at prefill and kept in its `prompt` state. Decoding never touches visual tokens outside S and C.
+- New parts start as identity (zero gates, zero CPE convolution), so a freshly grafted model at the full budget with
+  all layers in S is LLaVA-OneVision exactly. `new_parameters()` names them; `init_new_parameters()` is their one
+  initialisation.
 
 Usage:
     model = VisorForConditionalGeneration.from_llava_onevision(llava_model)
@@ -39,21 +49,18 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
-import transformers
 from torch import nn
-from transformers import DynamicCache, GenerationMixin
+from transformers import AttentionInterface, DynamicCache, GenerationMixin
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
     LlavaOnevisionPreTrainedModel,
     image_size_to_num_patches,
 )
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.utils import ModelOutput
 
-from .configuration_visor import BUDGET_HELP, VisorConfig, validate_token_reduction
+from .configuration_visor import BUDGET_HELP, HUB_CODE_FILES, TRANSFORMERS_V5, VisorConfig, validate_token_reduction
 
-TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 CACHE_FIELD = "cache" if TRANSFORMERS_V5 else "past_key_values"  # where generate() looks for the cache
 
 try:  # transformers >= 5 initialises through wrappers that respect already-loaded weights
@@ -110,29 +117,37 @@ def causal_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
     return (k <= q)[None, None] & key_valid[:, None, None, :]
 
 
-def decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx: int, implementation: str):
-    """Run a transformers Qwen2 decoder layer with our mask and cache (its weights, our attention call).
+# The language model's own layers run VISOR's masks through transformers' attention interface: each layer's attention
+# looks up its function by `config._attn_implementation`, so its config names this one (see `VisorLayerConfig`).
+VISOR_ATTENTION = "visor"
 
-    hidden (B, Q, H); cos/sin (B, Q, d); allowed (B, 1, Q, K) over the layer's cached keys + these, or None
-    for a plain causal mask over the Q tokens (prefill without padding).
-    """
-    attn = layer.self_attn
-    device = attn.q_proj.weight.device  # with device_map="auto" consecutive layers may sit on different GPUs
-    hidden, cos, sin = hidden.to(device), cos.to(device), sin.to(device)
-    allowed = allowed.to(device) if allowed is not None else None
-    batch, length, _ = hidden.shape
-    residual = hidden
-    hidden = layer.input_layernorm(hidden)
-    head_shape = (batch, length, -1, attn.head_dim)
-    query = attn.q_proj(hidden).view(head_shape).transpose(1, 2)  # (B, h, Q, d)
-    key = attn.k_proj(hidden).view(head_shape).transpose(1, 2)  # (B, kvh, Q, d)
-    value = attn.v_proj(hidden).view(head_shape).transpose(1, 2)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    if cache is not None:
-        key, value = cache.update(key, value, layer_idx)
-    out = attend(query, key, value, allowed, implementation, attn.scaling)  # (B, Q, h, d)
-    hidden = residual + attn.o_proj(out.reshape(batch, length, -1))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+def visor_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The attention function of the language-model layers: `attend` with VISOR's boolean mask (or None), on the kernel
+    the text config names ("sdpa" or "eager"; flash-attention checkpoints run SDPA, as VISOR's masks are not plain
+    causal). Returns (B, Q, h, d) and no weights, as transformers' attention functions do."""
+    kernel = module.config.text_config._attn_implementation or "sdpa"
+    scaling = module.scaling if scaling is None else scaling
+    return attend(query, key, value, attention_mask, kernel, scaling), None
+
+
+AttentionInterface.register(VISOR_ATTENTION, visor_attention)
+
+
+class VisorLayerConfig:
+    """The config a language-model layer's attention reads: the text config itself, except that `_attn_implementation`
+    names VISOR's attention function. The text config keeps naming the kernel ("sdpa", "eager"), so what users and
+    transformers set there (`attn_implementation=`, `set_attn_implementation`) still chooses it."""
+
+    _attn_implementation = VISOR_ATTENTION
+
+    def __init__(self, text_config):
+        self.text_config = text_config
+
+    def __getattr__(self, name):  # only called for attributes not found above: they are the text config's
+        if name.startswith("__") or name == "text_config":  # copy/pickle probe before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.text_config, name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +174,10 @@ class VisualLayout:
             return cls(rank, True, 0)
         all_valid, gaps = torch.stack([valid.all().long(), rank.max()]).tolist()  # one host sync for both
         return cls(rank, bool(all_valid), gaps)
+
+    def to(self, device) -> "VisualLayout":
+        """On `device` (accelerate's hooks move a module's inputs with `.to`, e.g. layers split over several GPUs)."""
+        return VisualLayout(self.rank.to(device), self.all_valid, self.gaps)
 
 
 class VisorCPE(nn.Module):
@@ -203,7 +222,9 @@ class VisorCPE(nn.Module):
 class VisorCrossAttention(nn.Module):
     """Gated cross-attention: text queries read visual keys/values. Grouped-query heads, no rotary.
 
-    `visual_key_values` runs once per prompt; `forward` is called at every step with the cached keys.
+    At prefill `forward` gets the visual tokens and computes their keys/values (of CPE(V)); at each later step it gets
+    those keys/values back from the cache. Both happen inside `forward`, so that hooks on the module (accelerate's
+    device placement and offload) see every use of its weights.
     """
 
     def __init__(self, text_config, cpe_kernel_size: int):
@@ -224,25 +245,21 @@ class VisorCrossAttention(nn.Module):
 
     def visual_key_values(self, visual: torch.Tensor, image_ids: torch.Tensor, layout: VisualLayout | None = None):
         """visual (B, Nv, H) -> keys, values (B, kvh, Nv, d) of CPE(V); `layout`: VisualLayout.of(image_ids)."""
-        device = self.q_proj.weight.device
-        visual, image_ids = visual.to(device), image_ids.to(device)
-        if layout is not None and layout.rank.device != device:  # layers split over several GPUs
-            layout = VisualLayout(layout.rank.to(device), layout.all_valid, layout.gaps)
         batch, length, _ = visual.shape
         visual = self.visual_norm(self.cpe(visual, image_ids, layout))
         shape = (batch, length, self.num_key_value_heads, self.head_dim)
         return self.k_proj(visual).view(shape).transpose(1, 2), self.v_proj(visual).view(shape).transpose(1, 2)
 
-    def forward(self, text, key, value, allowed, implementation: str) -> torch.Tensor:
-        """text (B, Q, H); key/value (B, kvh, Nv, d); allowed (B, 1, Q, Nv), or None for one query reading every
-        visual token (a decoding step without padding). Returns the updated text."""
-        device = self.q_proj.weight.device
-        text, key, value = text.to(device), key.to(device), value.to(device)
-        allowed = allowed.to(device) if allowed is not None else None
+    def forward(self, text, allowed, implementation: str, key_values=None, visual=None, image_ids=None, layout=None):
+        """text (B, Q, H); allowed (B, 1, Q, Nv), or None for one query reading every visual token (a decoding step
+        without padding). Either `visual` (B, Nv, H) with its `image_ids` (B, Nv) and `layout` (prefill), or the
+        `key_values` that call returned. Returns the updated text and the visual keys/values."""
+        if visual is not None:
+            key_values = self.visual_key_values(visual, image_ids, layout)
         batch, length, _ = text.shape
         query = self.q_proj(self.text_norm(text)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        out = attend(query, key, value, allowed, implementation, self.scaling).reshape(batch, length, -1)
-        return text + torch.tanh(self.gate).to(text.dtype) * self.o_proj(out)
+        out = attend(query, *key_values, allowed, implementation, self.scaling).reshape(batch, length, -1)
+        return text + torch.tanh(self.gate).to(text.dtype) * self.o_proj(out), key_values
 
 
 class VisorRouter(nn.Module):
@@ -432,37 +449,266 @@ def attention_received(queries: torch.Tensor, keys: torch.Tensor, num_heads: int
     return torch.stack(scores)
 
 
+NEW_MODULE_TYPES = (VisorCrossAttention, VisorRouter, VisorTokenPacker)  # what VISOR adds to LLaVA-OneVision
+
+
+def init_new_module(module: nn.Module, std: float) -> None:
+    """The one initialisation of a new part, as identity: gate and CPE zero, norms one, packer the mean of its group,
+    router MLP normal(0, std) with zero biases (untrained: the default budget stays "full"). Cross-attention
+    projections get the same normal init here; `VisorPreTrainedModel.init_new_parameters` then copies them.
+    Written with transformers' init functions, which on 5.x leave weights already loaded from a checkpoint alone."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                _init.normal_(sub.weight, mean=0.0, std=std)
+                if sub.bias is not None:
+                    _init.zeros_(sub.bias)
+            elif isinstance(sub, Qwen2RMSNorm):
+                _init.ones_(sub.weight)
+            elif isinstance(sub, VisorCPE):
+                _init.zeros_(sub.weight)
+                _init.zeros_(sub.bias)
+            elif isinstance(sub, VisorCrossAttention):
+                _init.zeros_(sub.gate)
+            elif isinstance(sub, VisorTokenPacker) and not getattr(sub.weight, "_is_hf_initialized", False):
+                sub.reset_to_mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Input check at the model's boundary
+# --------------------------------------------------------------------------------------------------
+
+
+def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, image_token_id: int):
+    """The one check of a prompt's inputs, before anything runs: each error names the argument, the shape or value seen
+    and what is expected. Accepts what LLaVA-OneVision accepts (e.g. int32 ids, which `forward` makes int64)."""
+    if input_ids is None:
+        raise ValueError("VISOR needs input_ids: image placeholders are found by token id")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor of token ids; got {getattr(input_ids, 'dtype', type(input_ids))}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be (batch, length) with at least one token; got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(input_ids.shape)}, that of input_ids"
+        )
+    if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+        raise ValueError(
+            f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected {tuple(input_ids.shape)} + (hidden size,), "
+            "one embedding per token of input_ids (VISOR also needs input_ids to find the image placeholders)"
+        )
+    num_placeholders = int((input_ids == image_token_id).sum())
+    if pixel_values is None:
+        return
+    num_images = pixel_values.shape[0]
+    if image_sizes is None or tuple(torch.as_tensor(image_sizes).shape) != (num_images, 2):
+        seen = None if image_sizes is None else tuple(torch.as_tensor(image_sizes).shape)
+        raise ValueError(
+            f"image_sizes must be ({num_images}, 2), one (height, width) per image of pixel_values; got {seen}"
+        )
+    if (torch.as_tensor(image_sizes) <= 0).any():
+        raise ValueError(f"image_sizes must be positive heights and widths; got {torch.as_tensor(image_sizes).tolist()}")
+    if num_placeholders == 0:
+        raise ValueError(
+            f"pixel_values hold {num_images} images but input_ids has no image placeholder (token id {image_token_id}); "
+            "was the prompt truncated, or the image token left out of the text?"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# What flows through the layers, and what the layers need to know about the prompt
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisorStreams:
+    """The hidden states of one forward call as they flow through the layers: the text stream (B, Nt, H) and, at
+    prefill, the visual stream (B, Nv, H) (None when decoding or without images). Both are in the dense sequence's
+    order; `text_index` / `visual_index` (B, Nt) / (B, Nv) say where each slot sits in the dense layout, so that a
+    self-attention layer can run on [V; T] in the dense order (`dense`, `split`)."""
+
+    text: torch.Tensor
+    text_rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of the text slots
+    cross_mask: torch.Tensor | None  # what cross-attention lets each text query read (see VisorPromptState.cross_mask)
+    visual: torch.Tensor | None = None
+    text_index: torch.Tensor | None = None
+    visual_index: torch.Tensor | None = None
+    dense_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of the dense layout
+    visual_image_ids: torch.Tensor | None = None  # (B, Nv) which image a visual slot belongs to, -1 for padding
+    visual_layout: VisualLayout | None = None  # of visual_image_ids, computed once for every CPE
+
+    def dense(self, is_visual: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[V; T] in the dense order, (B, S, H), of all samples or of `rows`. The two streams are padded to the longest
+        sample's, so their slots overlap in the dense layout where one sample has more visual tokens than another:
+        `is_visual` (B, S) decides."""
+        pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
+        is_visual = pick(is_visual)
+        out = self.text.new_zeros(*is_visual.shape, self.text.shape[-1])
+        visual = out.scatter(1, expand_index(pick(self.visual_index), out), pick(self.visual))
+        text = out.scatter(1, expand_index(pick(self.text_index), out), pick(self.text))
+        return torch.where(is_visual.unsqueeze(-1), visual, text)
+
+    def split(self, dense: torch.Tensor, runs: torch.Tensor) -> None:
+        """Take the streams back from a self-attention layer's output; samples that did not run it (`runs` (B,) False)
+        keep their visual tokens unchanged."""
+        self.text = dense.gather(1, expand_index(self.text_index, dense))
+        self.visual = torch.where(runs[:, None, None], dense.gather(1, expand_index(self.visual_index, dense)), self.visual)
+
+
+def expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, N) token indices -> (B, N, H) for gather/scatter along dim 1 of `like` (B, S, H)."""
+    return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
+
+
+@dataclass
+class VisorPromptState:
+    """What every layer needs to know about the prompt, at prefill and at each decoding step after it; one row per
+    sample. It answers one question per mask (`text_mask`, `dense_mask`, `cross_mask`) and changes in two places only:
+    `set_configurations` (the budget or the router chose) and `append` (new tokens). Masks are boolean, True = may
+    attend; None means the kernel needs no mask tensor (no padding and nothing to hide, see `attend`).
+
+    Per layer, the cache holds: visual + text keys at `visual_layers` (some sample with images runs the layer on its
+    visual tokens; a sample that skips it has its visual keys hidden there), text keys everywhere else."""
+
+    is_visual: torch.Tensor  # (B, S) the prompt's dense layout: which tokens are visual
+    dense_valid: torch.Tensor  # (B, S + t) keys of the dense sequence that are not padding
+    text_valid: torch.Tensor  # (B, Nt + t) keys of the text stream that are not padding
+    visual_valid: torch.Tensor  # (B, Nv) visual tokens that are not padding
+    has_visual: list[bool]  # per sample, on the host
+    num_layers: int
+    dense_padded: bool  # some key of the dense sequence is padding
+    text_padded: bool  # the same for the text stream
+    visual_padded: bool  # the same for the visual tokens that cross-attention reads
+    seq_length: int  # dense length seen so far (prompt + decoded)
+    configurations: list[tuple[int, ...]] = field(default_factory=list)  # per sample: the self-attention layers it runs
+    routing_pending: list[bool] = field(default_factory=list)  # per sample: the router has yet to choose (budget "auto")
+    cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V), filled at prefill
+    # derived from `configurations` by `set_configurations`:
+    active: torch.Tensor | None = None  # (B, L) on the device: sample b runs layer l on its visual tokens
+    visual_layers: frozenset = frozenset()  # layers whose cache holds visual + text keys
+    shared_layers: frozenset = frozenset()  # layers every sample with images runs: no visual key to hide there
+    _row_groups: dict = field(default_factory=dict)  # see row_groups
+
+    def set_configurations(self, configurations: list[tuple[int, ...]]) -> None:
+        """The self-attention layers of each sample (decided on the host, so no layer waits for the GPU to say so)."""
+        self.configurations = [tuple(c) for c in configurations]
+        active = torch.zeros(len(configurations), self.num_layers, dtype=torch.bool)
+        for row, configuration in zip(active, self.configurations):
+            row[list(configuration)] = True
+        self.active = active.to(self.is_visual.device)
+        runs = [set(c) for c, has_visual in zip(self.configurations, self.has_visual) if has_visual]
+        self.visual_layers = frozenset(set().union(*runs))
+        self.shared_layers = frozenset(set.intersection(*runs) if runs else range(self.num_layers))
+
+    def row_groups(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """At prefill, which samples run `layer` on their visual tokens and which run it on their text only, as device
+        row indices (dense_rows, text_rows); text_rows is None when every sample runs it, and None overall when none
+        does. Decided on the host; the index tensors are made once per distinct split."""
+        if layer not in self.visual_layers:
+            return None
+        runs = tuple(has_visual and layer in c for c, has_visual in zip(self.configurations, self.has_visual))
+        if all(runs):
+            return self.active[:, layer], None
+        if runs not in self._row_groups:
+            as_rows = lambda keep: torch.tensor([b for b, r in enumerate(runs) if r == keep], device=self.is_visual.device)
+            self._row_groups[runs] = (as_rows(True), as_rows(False))
+        return self._row_groups[runs]
+
+    def text_mask(self, num_queries: int) -> torch.Tensor | None:
+        """A text-only layer: the Q new text tokens read the text keys up to themselves."""
+        return causal_allowed(self.text_valid, num_queries) if self.text_padded else None
+
+    def dense_mask(self, layer: int, num_queries: int, rows=None) -> torch.Tensor | None:
+        """A layer in `visual_layers`: the Q newest tokens of the dense sequence read the keys up to themselves, except
+        the visual keys of samples that skip this layer. `rows`: only samples that all run the layer will use it."""
+        if not self.dense_padded and (layer in self.shared_layers or rows is not None):
+            return None
+        is_visual = F.pad(self.is_visual, (0, self.dense_valid.shape[1] - self.is_visual.shape[1]))
+        hidden = is_visual & ~self.active[:, layer : layer + 1]
+        return causal_allowed(self.dense_valid & ~hidden, num_queries)
+
+    def cross_mask(self, num_queries: int, text_index=None, visual_index=None) -> torch.Tensor | None:
+        """Cross-attention keeps the dense causal order: a text token reads the images placed before it. Given the
+        prompt's text and visual slots' dense indices (prefill); without them the queries follow the whole prompt."""
+        if text_index is not None:  # (B, 1, Nt, Nv)
+            return (self.visual_valid[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])).unsqueeze(1)
+        if not self.visual_padded and num_queries == 1:
+            return None
+        return self.visual_valid[:, None, None, :].expand(-1, 1, num_queries, -1)
+
+    def append(self, new_valid: torch.Tensor, all_valid: bool) -> None:
+        """Q new tokens (new_valid (B, Q)) join the sequence; `all_valid`: none of them is padding (known on the host)."""
+        self.text_valid = torch.cat([self.text_valid, new_valid], dim=1)
+        self.dense_valid = torch.cat([self.dense_valid, new_valid], dim=1)
+        self.seq_length += new_valid.shape[1]
+        if not all_valid:
+            self.dense_padded = self.text_padded = True
+
+    def index_select(self, index: torch.Tensor) -> None:
+        """Keep the samples `index` (beam search reorders them): shared_layers stays true of any selection."""
+        for name in ("is_visual", "dense_valid", "text_valid", "visual_valid", "active"):
+            setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
+        host_index = index.tolist()
+        self.configurations = [self.configurations[i] for i in host_index]
+        self.has_visual = [self.has_visual[i] for i in host_index]
+        self.cross_key_values = {
+            layer: (k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
+            for layer, (k, v) in self.cross_key_values.items()
+        }
+
+
+@dataclass
+class VisorPrompt:
+    """The dense sequence of a prompt as `VisorModel.build_prompt` makes it; `compact` drops reduced-away tokens and
+    `restore` maps the output back to the caller's layout."""
+
+    input_ids: torch.Tensor  # (B, S); -1 in slots emptied by token reduction
+    embeds: torch.Tensor  # (B, S, H)
+    is_visual: torch.Tensor  # (B, S)
+    valid: torch.Tensor  # (B, S) not padding
+    position_ids: torch.Tensor  # (B, S) RoPE positions of the dense sequence
+    length: int  # the prompt's length as the caller sees it
+    image_ids: torch.Tensor | None = None  # (B, S) which image a visual token belongs to, -1 elsewhere
+    restore_index: torch.Tensor | None = None  # (B, S') each slot's index in the caller's layout (token reduction)
+
+    def __post_init__(self):
+        if self.image_ids is None:
+            self.image_ids = torch.full_like(self.input_ids, -1)
+
+    def compact(self, restore_index: torch.Tensor, slot_valid: torch.Tensor) -> None:
+        """Keep the slots `restore_index` (B, S') of the prompt; `slot_valid` (B, S') says which hold a token."""
+        take = lambda x: x.gather(1, restore_index)
+        self.restore_index = restore_index
+        self.is_visual = take(self.is_visual) & slot_valid
+        self.valid = take(self.valid) & slot_valid
+        self.position_ids = take(self.position_ids)
+        self.image_ids = torch.where(self.is_visual, take(self.image_ids), -1)
+        self.input_ids = torch.where(slot_valid, take(self.input_ids), -1)
+        self.embeds = self.embeds.gather(1, expand_index(restore_index, self.embeds))
+
+    def restore(self, text_index: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The text stream's hidden states (B, Nt, H) in the caller's (B, S, H) layout; zeros at image placeholders."""
+        if self.restore_index is not None:
+            text_index = self.restore_index.gather(1, text_index)
+        out = text.new_zeros(text.shape[0], self.length, text.shape[-1])
+        return out.scatter(1, expand_index(text_index, out), text)
+
+
 # --------------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class VisorPromptState:
-    """What decoding needs to know about the prompt; rows are samples."""
+class KeyValueRecorder:
+    """Stands in for the cache when a layer runs on part of a batch at prefill (`VisorModel.mixed_layer_step`): keeps
+    the keys/values the layer computes, so that the step can store the whole batch's in the real cache at once."""
 
-    is_visual: torch.Tensor  # (B, S) dense layout of the prompt
-    dense_valid: torch.Tensor  # (B, S + t) keys of self-attention layers that are not padding
-    text_valid: torch.Tensor  # (B, Nt + t) keys of text-only layers that are not padding
-    active: torch.Tensor  # (B, L) the sample's configuration contains layer l
-    active_host: torch.Tensor  # the same on the CPU: Python decides which layers run without waiting for the GPU
-    layers_all_run: set[int]  # layers that every sample with visual tokens runs (no visual key to hide there)
-    dense_padded: bool  # some key of the dense sequence is padding (then masks are tensors, else None)
-    text_padded: bool  # the same for the left-padded text-only stream
-    visual_padded: bool  # the same for the visual tokens that cross-attention reads
-    dense_layers: list[bool]  # layer l caches visual + text (some sample runs it on the visual tokens)
-    visual_valid: torch.Tensor  # (B, Nv)
-    cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V)
-    seq_length: int = 0  # dense length seen so far (prompt + decoded)
+    def __init__(self):
+        self.key_values = None
 
-    def index_select(self, index: torch.Tensor) -> None:
-        # layers_all_run stays true of any selection of the samples
-        for name in ("is_visual", "dense_valid", "text_valid", "active", "active_host", "visual_valid"):
-            setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
-        self.cross_key_values = {
-            layer: (k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
-            for layer, (k, v) in self.cross_key_values.items()
-        }
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.key_values = (key, value)
+        return key, value  # a prompt has no earlier keys
 
 
 class VisorCache(DynamicCache):
@@ -542,14 +788,36 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        # The new parts start as identity: a grafted model is the base model until training moves it.
-        if isinstance(module, VisorCrossAttention):
-            _init.zeros_(module.gate)
-        elif isinstance(module, VisorCPE):
-            _init.zeros_(module.weight)
-            _init.zeros_(module.bias)
-        elif isinstance(module, VisorTokenPacker) and not getattr(module.weight, "_is_hf_initialized", False):
-            module.reset_to_mean()
+        if isinstance(module, NEW_MODULE_TYPES):
+            init_new_module(module, self.config.text_config.initializer_range)
+
+    # ---- VISOR's new parts (torchtune's `fusion_params()`): the one place that says what is new ----------------
+
+    def new_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters LLaVA-OneVision does not have (cross-attention with its gate and CPE, router, VISOR-TR packing
+        layer), by name as in `named_parameters()`. The converter, the trainer and the tests ask this method. The
+        routing token's embedding row is new too, but it is a row of a pre-trained matrix, not a parameter."""
+        prefixes = tuple(f"{name}." for name, module in self.named_modules() if isinstance(module, NEW_MODULE_TYPES))
+        return {name: param for name, param in self.named_parameters() if name.startswith(prefixes)}
+
+    def init_new_parameters(self, base_weight=None) -> None:
+        """Start every new part as identity (the one initialisation, see `init_new_module`), and copy each
+        cross-attention's q/k/v/o projections from the same layer's self-attention (a warm start that the zero gate
+        keeps inert). `base_weight(name) -> tensor` reads a LLaVA-OneVision weight by its name in this model
+        (default: this model's own weights); the converter passes a reader of the source checkpoint."""
+        base_weight = base_weight or (lambda name: self.get_parameter(name))
+        std = self.config.text_config.initializer_range
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if not isinstance(module, NEW_MODULE_TYPES):
+                    continue
+                init_new_module(module, std)
+                if isinstance(module, VisorCrossAttention):
+                    layer = name.rsplit(".", 1)[-1]
+                    base = name.removesuffix(f"cross_attn.{layer}") + f"language_model.layers.{layer}.self_attn"
+                    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                        for kind, param in getattr(module, proj).named_parameters():
+                            param.copy_(base_weight(f"{base}.{proj}.{kind}"))
 
     # ---- checkpoints readable by transformers 4.57 and 5.x -----------------------------------------
     # 5.x holds SigLIP's weights without the `vision_model.` level and also saves them that way; 4.57 then
@@ -617,7 +885,7 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
         super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         self.make_config_portable(save_directory)
         code_dir = os.path.dirname(os.path.abspath(__file__))
-        for name in ("configuration_visor.py", "modeling_visor.py", "processing_visor.py"):
+        for name in HUB_CODE_FILES:
             source = os.path.join(code_dir, name)
             target = os.path.join(save_directory, name)
             if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(target):
@@ -658,6 +926,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         self.router = VisorRouter(
             text_config.hidden_size, config.router_hidden_size, len(config.configurations), text_config.rms_norm_eps
         )
+        # The language model's layers run VISOR's masks: their attention reads its function's name from this config.
+        for layer in self.language_model.layers:
+            layer.self_attn.config = VisorLayerConfig(text_config)
         reduction = config.token_reduction
         self.token_packer = (
             VisorTokenPacker(text_config.hidden_size, reduction["pack_factor"])
@@ -686,18 +957,6 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             )
         return configuration
 
-    def _active_layers(self, configurations: list) -> torch.Tensor:
-        """(B, L) bool on the CPU: layer l is in sample b's configuration."""
-        active = torch.zeros(len(configurations), self.config.num_layers, dtype=torch.bool)
-        for b, configuration in enumerate(configurations):
-            active[b, list(configuration)] = True
-        return active
-
-    def _layers_all_run(self, configurations: list, sample_has_visual: list[bool]) -> set[int]:
-        """Layers that every sample with visual tokens runs: there no visual key needs hiding by a mask."""
-        runs = [set(c) for c, has_visual in zip(configurations, sample_has_visual) if has_visual]
-        return set.intersection(*runs) if runs else set(range(self.config.num_layers))
-
     # ---- visual tokens -------------------------------------------------------------------------
 
     def visual_features(self, pixel_values, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
@@ -723,6 +982,13 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                     f"token_reduction pack_factor={setting['pack_factor']} does not match the trained packing layer "
                     f"(pack factor {trained}); set config.token_reduction to {{'method': 'pack', 'pack_factor': k}} "
                     "and train the packing layer first"
+                )
+        if setting is not None and "score_layer" in setting:
+            num_vision_layers = self.config.vision_config.num_hidden_layers
+            if not -num_vision_layers <= setting["score_layer"] < num_vision_layers:
+                raise ValueError(
+                    f"token_reduction score_layer={setting['score_layer']} is out of range: the vision tower has "
+                    f"{num_vision_layers} layers, so it must be in [{-num_vision_layers}, {num_vision_layers - 1}]"
                 )
         return setting
 
@@ -774,7 +1040,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
     def token_layout(self, image_sizes, batch_num_images, crop_scores, device):
         return image_token_layout(self.config, image_sizes, batch_num_images, crop_scores, device)
 
-    # ---- forward -------------------------------------------------------------------------------
+    # ---- forward: prompt -> streams -> one layer step per layer -> norm ---------------------------------
 
     def forward(
         self,
@@ -797,198 +1063,198 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         use_cache = use_cache if use_cache is not None else (self.config.get_text_config().use_cache and not self.training)
         if input_ids is None:
             raise ValueError("VISOR needs input_ids: image placeholders are found by token id")
-        if isinstance(cache, VisorCache) and cache.prompt is not None:
-            return self._decode(input_ids, inputs_embeds, attention_mask, position_ids, cache)
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
-        cache = VisorCache() if use_cache else None
-        return self._prefill(
-            input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, budget,
-            batch_num_images, cache, route_only, token_reduction,
-        )
-
-    def _prefill(
-        self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, budget,
-        batch_num_images, cache, route_only, token_reduction=None,
-    ) -> VisorModelOutput:
-        config = self.config
-        batch, length = input_ids.shape
-        device = input_ids.device
-        language_model = self.language_model
-        implementation = config.text_config._attn_implementation or "sdpa"
-        configurations = self.resolve_budget(budget, batch)
-        reduction = self.resolve_token_reduction(token_reduction)
-
-        embeds = inputs_embeds if inputs_embeds is not None else language_model.embed_tokens(input_ids)
-        attention_mask = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        )
-        is_visual = input_ids == config.image_token_id  # (B, S)
-        image_ids = torch.full_like(input_ids, -1)  # (B, S): which image a placeholder belongs to
-        num_placeholders = int(is_visual.sum())
-        if position_ids is None:  # as LLaVA-OneVision: positions follow the dense sequence
-            position_ids = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
-        prompt_length, restore_index = length, None  # the prompt as the caller sees it, before token reduction
-        if pixel_values is not None and num_placeholders > 0:
-            if reduction is None:
-                features = self.visual_features(pixel_values, image_sizes, batch_num_images)
-                lengths = [f.shape[0] for f in features]
-            else:
-                features, kept = self.reduce_visual_tokens(pixel_values, image_sizes, batch_num_images, reduction)
-                lengths = [k.shape[0] for k in kept]  # each image's tokens before reduction
-            num_features = sum(lengths)
-            if num_features != num_placeholders:
-                raise ValueError(
-                    f"Image features and image tokens do not match: {num_placeholders} image placeholder tokens in "
-                    f"input_ids, {num_features} visual tokens from pixel_values ({len(features)} images)"
-                )
-            lengths = torch.tensor(lengths, device=device)
-            image_ids = image_ids.masked_scatter(is_visual, torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths))
-            if reduction is not None:
-                # Drop the placeholders of reduced-away tokens; the survivors keep their positions.
-                restore_index, slot_valid = compact_kept_tokens(is_visual, kept)
-                length = restore_index.shape[1]
-                is_visual = is_visual.gather(1, restore_index) & slot_valid
-                attention_mask = attention_mask.gather(1, restore_index) & slot_valid
-                position_ids, image_ids = position_ids.gather(1, restore_index), image_ids.gather(1, restore_index)
-                input_ids = torch.where(slot_valid, input_ids.gather(1, restore_index), -1)  # -1: an empty slot
-                embeds = embeds.gather(1, restore_index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-                image_ids = torch.where(is_visual, image_ids, -1)
-            features = torch.cat(features).to(embeds.device, embeds.dtype)
-            embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), features)
-        elif num_placeholders > 0:
-            raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
-
-        cos, sin = language_model.rotary_emb(embeds, position_ids)  # (B, S, d)
-
-        # Split into a left-padded text buffer and a right-padded visual buffer, both in dense order.
-        is_text = ~is_visual  # padding counts as text here
-        # Sizes the host needs, fetched from the GPU in one go (each fetch waits for the GPU).
-        counts = torch.stack([is_text.sum(1), is_visual.sum(1), (is_text & attention_mask).sum(1), attention_mask.all(1)])
-        counts = counts.cpu()  # (4, B)
-        num_text, num_visual = int(counts[0].max()), int(counts[1].max())
-        sample_has_visual = (counts[1] > 0).tolist()
-        no_padding = bool(counts[3].all())
-        order = torch.argsort(is_text.to(torch.int8), dim=1, stable=True)  # visual positions first, then text
-        text_index = order[:, length - num_text :]  # (B, Nt)
-        visual_index = order[:, :num_visual]  # (B, Nv)
-        text_valid = is_text.gather(1, text_index) & attention_mask.gather(1, text_index)
-        visual_valid = is_visual.gather(1, visual_index)
-        visual_image_ids = torch.where(visual_valid, image_ids.gather(1, visual_index), -1)
-
-        def gather(x, index):  # (B, S, D) -> (B, N, D)
-            return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-        def scatter(x, index):  # (B, N, D) -> (B, S, D), zeros elsewhere
-            out = x.new_zeros(batch, length, x.shape[-1])
-            return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
-
-        text, visual = gather(embeds, text_index), gather(embeds, visual_index)
-        text_cos, text_sin = gather(cos, text_index), gather(sin, text_index)
-        # Masks: None is a plain causal mask (no padding), the fast path of SDPA.
-        # The text buffer is left-padded (with other positions) to num_text: a sample with fewer valid text tokens
-        # than num_text has padding in it.
-        text_padded = bool((counts[2] < num_text).any())
-        text_allowed = causal_allowed(text_valid, num_text) if text_padded else None  # (B, 1, Nt, Nt)
-        # Cross-attention keeps the dense causal order: a text token reads the images placed before it.
-        cross_allowed = (visual_valid[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])).unsqueeze(1)
-
-        # Before the router layer every configuration runs the same layers: the ones they all share.
-        always = tuple(sorted(set(config.self_attn_layers).intersection(*map(set, config.configurations))))
-        if config.router_layer >= config.num_layers:  # nothing to route: all configurations are the same
-            configurations = [always if c is None else c for c in configurations]
-        routed = [c is not None for c in configurations]
-        provisional = [always if c is None else c for c in configurations]
-        # Which layers run is decided on the host (CPU copies), so that no layer waits for the GPU to catch up.
-        active_host = self._active_layers(provisional)
-        active = active_host.to(device)
-        has_visual = num_visual > 0
-        visual_layout = VisualLayout.of(visual_image_ids) if has_visual and self.cross_attn else None
-        state = VisorPromptState(
-            is_visual=is_visual, dense_valid=attention_mask, text_valid=text_valid, active=active,
-            active_host=active_host, layers_all_run=self._layers_all_run(provisional, sample_has_visual),
-            dense_padded=not no_padding,
-            text_padded=text_padded, visual_padded=bool((counts[1] < num_visual).any()),
-            dense_layers=[False] * config.num_layers, visual_valid=visual_valid, seq_length=prompt_length,
-        )
+        input_ids = input_ids.long() if input_ids.dtype in (torch.int32, torch.int16, torch.uint8) else input_ids
+        if isinstance(cache, VisorCache) and cache.prompt is not None:  # decoding: continue from the cache
+            prompt, state = None, cache.prompt
+            streams = self.decode_streams(input_ids, inputs_embeds, attention_mask, position_ids, state)
+        else:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
+            cache = VisorCache() if use_cache else None
+            check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, self.config.image_token_id)
+            prompt = self.build_prompt(
+                input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
+                token_reduction,
+            )
+            streams, state = self.split_prompt(prompt, self.resolve_budget(budget, input_ids.shape[0]))
         router_logits = routing_mask = None
-        run_layer = decoder_layer_forward
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in language_model.modules())
-        if self.training and checkpointing:  # set by gradient_checkpointing_enable(): recompute layers in backward
-            def run_layer(*args):
-                return torch.utils.checkpoint.checkpoint(decoder_layer_forward, *args, use_reentrant=False)
-
-        for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
-            if layer_idx == config.router_layer and not all(routed):
-                configurations, router_logits, routing_mask = self._route(input_ids, text_index, text, configurations)
-                active_host = state.active_host = self._active_layers(configurations)
-                active = state.active = active_host.to(device)
-                state.layers_all_run = self._layers_all_run(configurations, sample_has_visual)
-            if route_only and layer_idx >= config.router_layer:
+        for layer_idx in range(self.config.num_layers):
+            if layer_idx == self.config.router_layer and any(state.routing_pending):
+                router_logits, routing_mask = self.route_samples(streams, state, prompt.input_ids)
+            if route_only and layer_idx >= self.config.router_layer:
                 break
-            if has_visual and bool(active_host[:, layer_idx].any()):
-                state.dense_layers[layer_idx] = True
-                # Samples that skip this layer: their visual keys are hidden, their visual tokens kept.
-                skips = is_visual & ~active[:, layer_idx : layer_idx + 1]
-                if no_padding and layer_idx in state.layers_all_run:
-                    allowed = None
-                else:  # (B, 1, S, S)
-                    allowed = causal_allowed(attention_mask & ~skips, length)
-                dense = torch.where(is_visual.unsqueeze(-1), scatter(visual, visual_index), scatter(text, text_index))
-                dense = run_layer(layer, dense, cos, sin, allowed, cache, layer_idx, implementation)
-                text = gather(dense, text_index)
-                visual = torch.where(active[:, layer_idx, None, None], gather(dense, visual_index), visual)
-            else:
-                text = run_layer(layer, text, text_cos, text_sin, text_allowed, cache, layer_idx, implementation)
-            if has_visual and str(layer_idx) in self.cross_attn:
-                cross = self.cross_attn[str(layer_idx)]
-                key, value = cross.visual_key_values(visual, visual_image_ids, visual_layout)
-                state.cross_key_values[layer_idx] = (key, value)
-                text = cross(text, key, value, cross_allowed, implementation)
-
+            self.layer_step(layer_idx, streams, state, cache)
         if route_only:
             return VisorModelOutput(
-                self_attn_layers=[tuple(c) for c in configurations], router_logits=router_logits, routing_mask=routing_mask
+                self_attn_layers=state.configurations, router_logits=router_logits, routing_mask=routing_mask
             )
-
-        hidden = scatter(language_model.norm(text), text_index)  # (B, S, H); placeholders hold no prediction
-        if restore_index is not None:  # back to the caller's layout (token reduction shortened the prompt)
-            hidden = hidden.new_zeros(batch, prompt_length, hidden.shape[-1]).scatter(
-                1, restore_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), hidden
-            )
-        if cache is not None:
-            cache.prompt = state
+        hidden = self.language_model.norm(streams.text)
+        if streams.text_index is not None:  # prefill: back to the caller's (B, S, H) layout
+            hidden = prompt.restore(streams.text_index, hidden)
+            if cache is not None:
+                cache.prompt = state
         return VisorModelOutput(
-            last_hidden_state=hidden, **{CACHE_FIELD: cache},
-            self_attn_layers=[tuple(c) for c in configurations], router_logits=router_logits,
+            last_hidden_state=hidden, **{CACHE_FIELD: cache}, self_attn_layers=state.configurations,
+            router_logits=router_logits,
         )
 
-    def _route(self, input_ids, text_index, text, configurations):
-        """Pick a configuration for the samples whose budget is "auto", from their routing tokens."""
+    def layer_step(self, layer_idx: int, streams: VisorStreams, state: VisorPromptState, cache) -> None:
+        """One language-model layer, then its cross-attention if it has one; updates `streams`. Prefill and decode
+        both run through here. The layer is called through its own forward (module call), so hooks on it work."""
+        layer = self.language_model.layers[layer_idx]
+        implementation = self.config.text_config._attn_implementation or "sdpa"
+        rows = state.row_groups(layer_idx) if streams.visual is not None else None
+        if rows is not None and rows[1] is None:  # prefill, every sample runs the layer on [V; T] in the dense order
+            dense = layer(
+                streams.dense(state.is_visual), attention_mask=state.dense_mask(layer_idx, state.is_visual.shape[1]),
+                position_embeddings=streams.dense_rope, **{CACHE_FIELD: cache},
+            )
+            streams.split(dense, state.active[:, layer_idx])
+        elif rows is not None:  # prefill, some samples run it on [V; T], the others on T only
+            self.mixed_layer_step(layer, layer_idx, streams, state, cache, *rows)
+        else:  # text only; when decoding, a layer in visual_layers reads the visual keys its cache holds
+            num_queries = streams.text.shape[1]
+            mask = state.dense_mask(layer_idx, num_queries) if layer_idx in state.visual_layers else state.text_mask(num_queries)
+            streams.text = layer(streams.text, attention_mask=mask, position_embeddings=streams.text_rope, **{CACHE_FIELD: cache})
+        if str(layer_idx) in self.cross_attn and (streams.visual is not None or layer_idx in state.cross_key_values):
+            streams.text, state.cross_key_values[layer_idx] = self.cross_attn[str(layer_idx)](
+                streams.text, streams.cross_mask, implementation, key_values=state.cross_key_values.get(layer_idx),
+                visual=streams.visual, image_ids=streams.visual_image_ids, layout=streams.visual_layout,
+            )
+
+    def mixed_layer_step(self, layer, layer_idx: int, streams, state, cache, dense_rows, text_rows) -> None:
+        """Prefill of a layer that some samples (`dense_rows`) run on [V; T] and the others (`text_rows`) skip: each group
+        runs as what it is, so a sample pays for what it runs. The cache keeps the dense layout at this layer, the
+        skipping samples' keys at their text positions (their visual slots stay empty and `dense_mask` hides them)."""
+        length = state.is_visual.shape[1]
+        recorders = (KeyValueRecorder(), KeyValueRecorder()) if cache is not None else (None, None)
+        pick = lambda x, rows: None if x is None else x.index_select(0, rows)
+        dense = layer(
+            streams.dense(state.is_visual, dense_rows), attention_mask=pick(state.dense_mask(layer_idx, length, dense_rows), dense_rows),
+            position_embeddings=tuple(pick(x, dense_rows) for x in streams.dense_rope), **{CACHE_FIELD: recorders[0]},
+        )
+        text = layer(
+            pick(streams.text, text_rows), attention_mask=pick(state.text_mask(streams.text.shape[1]), text_rows),
+            position_embeddings=tuple(pick(x, text_rows) for x in streams.text_rope), **{CACHE_FIELD: recorders[1]},
+        )
+        text_index, visual_index = pick(streams.text_index, dense_rows), pick(streams.visual_index, dense_rows)
+        streams.text = streams.text.index_copy(0, text_rows, text).index_copy(
+            0, dense_rows, dense.gather(1, expand_index(text_index, dense))
+        )
+        streams.visual = streams.visual.index_copy(0, dense_rows, dense.gather(1, expand_index(visual_index, dense)))
+        if cache is not None:  # (B, kvh, S, d): the dense rows' keys as they are, the text rows' at their text positions
+            slots = pick(streams.text_index, text_rows)
+            merged = []
+            for dense_kv, text_kv in zip(recorders[0].key_values, recorders[1].key_values):
+                out = dense_kv.new_zeros(state.is_visual.shape[0], *dense_kv.shape[1:]).index_copy(0, dense_rows, dense_kv)
+                spread = dense_kv.new_zeros(len(text_rows), *dense_kv.shape[1:]).scatter(
+                    2, slots[:, None, :, None].expand(-1, text_kv.shape[1], -1, text_kv.shape[-1]), text_kv
+                )
+                merged.append(out.index_copy(0, text_rows, spread))
+            cache.update(*merged, layer_idx)
+
+    # ---- prefill: the prompt and its two streams ----------------------------------------------------
+
+    def build_prompt(
+        self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
+        token_reduction,
+    ) -> "VisorPrompt":
+        """The dense sequence as LLaVA-OneVision builds it: text embeddings with the visual features at the image
+        placeholders, RoPE positions of the dense sequence; with token reduction, only the surviving tokens."""
+        batch, length = input_ids.shape
+        reduction = self.resolve_token_reduction(token_reduction)
+        embeds = inputs_embeds if inputs_embeds is not None else self.language_model.embed_tokens(input_ids)
+        if position_ids is None:  # as LLaVA-OneVision: positions follow the dense sequence
+            position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        prompt = VisorPrompt(input_ids, embeds, input_ids == self.config.image_token_id, valid, position_ids, length)
+        num_placeholders = int(prompt.is_visual.sum())
+        if num_placeholders == 0:
+            return prompt
+        if pixel_values is None:
+            raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
+        if reduction is None:
+            features = self.visual_features(pixel_values, image_sizes, batch_num_images)
+            lengths = [f.shape[0] for f in features]
+        else:
+            features, kept = self.reduce_visual_tokens(pixel_values, image_sizes, batch_num_images, reduction)
+            lengths = [k.shape[0] for k in kept]  # each image's tokens before reduction
+        if sum(lengths) != num_placeholders:
+            raise ValueError(
+                f"Image features and image tokens do not match: {num_placeholders} image placeholder tokens in "
+                f"input_ids, {sum(lengths)} visual tokens from pixel_values ({len(features)} images)"
+            )
+        image_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        prompt.image_ids = prompt.image_ids.masked_scatter(prompt.is_visual, image_of_token.to(input_ids.device))
+        if reduction is not None:  # drop the placeholders of reduced-away tokens; the survivors keep their positions
+            prompt.compact(*compact_kept_tokens(prompt.is_visual, kept))
+        features = torch.cat(features).to(prompt.embeds.device, prompt.embeds.dtype)
+        prompt.embeds = prompt.embeds.masked_scatter(prompt.is_visual.unsqueeze(-1), features)
+        return prompt
+
+    def split_prompt(self, prompt: "VisorPrompt", configurations: list) -> tuple[VisorStreams, VisorPromptState]:
+        """Split the dense sequence into a left-padded text stream and a right-padded visual stream (both in the dense
+        order), and set up the prompt state. The sizes the host needs come from the device in one sync."""
+        is_visual, valid = prompt.is_visual, prompt.valid
+        is_text = ~is_visual & valid  # padding belongs to neither stream: a sample pays for its own tokens only
+        counts = torch.stack([is_text.sum(1), is_visual.sum(1), valid.all(1)]).cpu()  # (3, B)
+        num_text, num_visual = int(counts[0].max()), int(counts[1].max())
+        # visual positions first, then padding, then text: each stream's slots are its tokens, then filler positions
+        order = torch.argsort(torch.where(is_visual, 0, 1 + is_text.to(torch.int8)), dim=1, stable=True)
+        text_index, visual_index = order[:, order.shape[1] - num_text :], order[:, :num_visual]  # (B, Nt), (B, Nv)
+        visual_valid = is_visual.gather(1, visual_index)
+        state = VisorPromptState(
+            is_visual=is_visual, dense_valid=valid, text_valid=is_text.gather(1, text_index),
+            visual_valid=visual_valid, has_visual=(counts[1] > 0).tolist(), num_layers=self.config.num_layers,
+            dense_padded=not bool(counts[2].all()), text_padded=bool((counts[0] < num_text).any()),
+            visual_padded=bool((counts[1] < num_visual).any()), seq_length=prompt.length,
+        )
+        self.start_configurations(state, configurations)
+        cos, sin = self.language_model.rotary_emb(prompt.embeds, prompt.position_ids)  # (B, S, d)
+        gather = lambda x, index: x.gather(1, expand_index(index, x))  # (B, S, D) -> (B, N, D)
+        streams = VisorStreams(
+            text=gather(prompt.embeds, text_index), text_rope=(gather(cos, text_index), gather(sin, text_index)),
+            cross_mask=state.cross_mask(num_text, text_index, visual_index), text_index=text_index,
+        )
+        if num_visual:
+            streams.visual, streams.visual_index, streams.dense_rope = gather(prompt.embeds, visual_index), visual_index, (cos, sin)
+            streams.visual_image_ids = torch.where(visual_valid, prompt.image_ids.gather(1, visual_index), -1)
+            streams.visual_layout = VisualLayout.of(streams.visual_image_ids) if self.cross_attn else None
+        return streams, state
+
+    def start_configurations(self, state: VisorPromptState, configurations: list) -> None:
+        """Fixed budgets run their configuration from the start. Until the router layer, a sample left to the router
+        runs the layers every configuration shares; with no layer to route at, that is its configuration."""
         config = self.config
-        is_routing = input_ids.gather(1, text_index) == config.routing_token_id  # (B, Nt)
-        logits = self.router(text)  # (B, Nt, num_configurations)
-        # (B, Nt); configurations are ordered by cost, so a larger index costs more. One copy to the host for all.
+        always = tuple(sorted(set(config.self_attn_layers).intersection(*map(set, config.configurations))))
+        can_route = config.router_layer < config.num_layers
+        state.routing_pending = [c is None and can_route for c in configurations]
+        state.set_configurations([always if c is None else c for c in configurations])
+
+    def route_samples(self, streams: VisorStreams, state: VisorPromptState, input_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router picks a configuration for the samples whose budget is "auto", from their routing tokens' hidden
+        states. Several questions in a sample: the most expensive configuration any of them asks for."""
+        config = self.config
+        is_routing = input_ids.gather(1, streams.text_index) == config.routing_token_id  # (B, Nt)
+        logits = self.router(streams.text)  # (B, Nt, num_configurations)
+        # Configurations are ordered by cost, so a larger index costs more. One copy to the host for all samples.
         choice, is_routing_host = logits.argmax(-1).cpu(), is_routing.cpu()
         fallback = self._resolve_one_budget(config.default_budget if config.default_budget != "auto" else "full")
-        routed = list(configurations)
-        for b, configuration in enumerate(configurations):
-            if configuration is not None:
-                continue
-            picks = choice[b][is_routing_host[b]]
-            # Several questions: the most expensive configuration any of them asks for.
-            routed[b] = tuple(config.configurations[int(picks.max())]) if picks.numel() else fallback
-        return routed, logits, is_routing
+        configurations = list(state.configurations)
+        for b, pending in enumerate(state.routing_pending):
+            if pending:
+                picks = choice[b][is_routing_host[b]]
+                configurations[b] = tuple(config.configurations[int(picks.max())]) if picks.numel() else fallback
+        state.routing_pending = [False] * len(configurations)
+        state.set_configurations(configurations)
+        return logits, is_routing
 
-    def _decode(self, input_ids, inputs_embeds, attention_mask, position_ids, cache: VisorCache) -> VisorModelOutput:
-        """Continue from the cache with n new text tokens; visual tokens are only read from the cache."""
-        config = self.config
-        state = cache.prompt
-        language_model = self.language_model
-        implementation = config.text_config._attn_implementation or "sdpa"
+    # ---- decode: new text tokens continue from the cache ---------------------------------------------
+
+    def decode_streams(self, input_ids, inputs_embeds, attention_mask, position_ids, state: VisorPromptState) -> VisorStreams:
+        """The Q new tokens as a text stream; the state takes them in. Visual tokens are only read from the cache."""
         batch, num_new = input_ids.shape
-        hidden = inputs_embeds if inputs_embeds is not None else language_model.embed_tokens(input_ids)
-
+        embeds = inputs_embeds if inputs_embeds is not None else self.language_model.embed_tokens(input_ids)
         if attention_mask is None:
             new_valid = torch.ones_like(input_ids, dtype=torch.bool)
         elif attention_mask.shape[1] in (state.seq_length + num_new, num_new):
@@ -998,46 +1264,15 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 f"attention_mask has {attention_mask.shape[1]} columns; expected {state.seq_length + num_new} "
                 f"(prompt and generated tokens) or {num_new} (the new tokens)"
             )
-        has_image_token, all_new_valid = torch.stack([(input_ids == config.image_token_id).any(), new_valid.all()]).tolist()
-        if has_image_token:  # (both read in one host sync)
+        # both read in one host sync
+        has_image_token, all_valid = torch.stack([(input_ids == self.config.image_token_id).any(), new_valid.all()]).tolist()
+        if has_image_token:
             raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
-        if not all_new_valid:  # padding among the new tokens: masks are needed from now on
-            state.dense_padded = state.text_padded = True
         if position_ids is None:
-            position_ids = torch.arange(num_new, device=input_ids.device).unsqueeze(0) + state.seq_length
-            position_ids = position_ids.expand(batch, -1)
-        cos, sin = language_model.rotary_emb(hidden, position_ids)
-
-        state.text_valid = torch.cat([state.text_valid, new_valid], dim=1)
-        state.dense_valid = torch.cat([state.dense_valid, new_valid], dim=1)
-        state.seq_length += num_new
-        # None: no padding, so attention needs no mask tensor (see `attend`)
-        text_allowed = causal_allowed(state.text_valid, num_new) if state.text_padded else None
-        is_visual = F.pad(state.is_visual, (0, state.dense_valid.shape[1] - state.is_visual.shape[1]))
-        # every new token reads every visual token: a mask only for padding, or for several queries (None is causal)
-        cross_allowed = None if not state.visual_padded and num_new == 1 else (
-            state.visual_valid[:, None, None, :].expand(-1, 1, num_new, -1)
-        )
-
-        for layer_idx, layer in enumerate(language_model.layers[: config.num_layers]):
-            if state.dense_layers[layer_idx]:
-                if state.dense_padded or layer_idx not in state.layers_all_run:
-                    skips = is_visual & ~state.active[:, layer_idx : layer_idx + 1]
-                    allowed = causal_allowed(state.dense_valid & ~skips, num_new)
-                else:
-                    allowed = None
-            else:
-                allowed = text_allowed
-            hidden = decoder_layer_forward(layer, hidden, cos, sin, allowed, cache, layer_idx, implementation)
-            if layer_idx in state.cross_key_values:
-                key, value = state.cross_key_values[layer_idx]
-                hidden = self.cross_attn[str(layer_idx)](hidden, key, value, cross_allowed, implementation)
-
-        configurations = [tuple(int(i) for i in torch.nonzero(row).flatten()) for row in state.active_host]
-        return VisorModelOutput(
-            last_hidden_state=language_model.norm(hidden), **{CACHE_FIELD: cache},
-            self_attn_layers=configurations,
-        )
+            position_ids = (torch.arange(num_new, device=input_ids.device) + state.seq_length).expand(batch, -1)
+        state.append(new_valid, bool(all_valid))
+        rope = self.language_model.rotary_emb(embeds, position_ids)
+        return VisorStreams(text=embeds, text_rope=rope, cross_mask=state.cross_mask(num_new))
 
 
 class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
@@ -1172,10 +1407,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             if target[key].shape != tensor.shape:
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} in LLaVA-OneVision, {tuple(target[key].shape)} in VISOR")
         model.load_state_dict(source, strict=False)
-        for layer_idx, cross in model.model.cross_attn.items():
-            attn = model.model.language_model.layers[int(layer_idx)].self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(cross, name).load_state_dict(getattr(attn, name).state_dict())
+        model.init_new_parameters()
         if config.tie_word_embeddings:
             model.tie_weights()
         return model.to(next(llava_model.parameters()).device)

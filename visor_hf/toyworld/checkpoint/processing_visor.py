@@ -24,12 +24,13 @@ Usage:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import transformers
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig, ProcessorMixin
-from transformers.image_processing_utils import select_best_resolution
 
-TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+from .configuration_visor import TRANSFORMERS_V5, num_visual_tokens
+
 # The PIL image processor of LLaVA-OneVision on each line (on 5.x the unsuffixed name is the torchvision one).
 IMAGE_PROCESSOR_CLASS = "LlavaOnevisionImageProcessorPil" if TRANSFORMERS_V5 else "LlavaOnevisionImageProcessor"
 
@@ -178,32 +179,24 @@ class VisorProcessor(ProcessorMixin):
         return expanded
 
     def num_image_tokens_of(self, height: int, width: int, crop_height: int, crop_width: int, multi_image: bool = False) -> int:
-        """Visual tokens of an image of `height` x `width` pixels, counted as LLaVA-OneVision packs them.
-
-        Single image: the base crop's tokens, plus the anyres grid of the best pinpoint with its padding removed and
-        one newline token a row, shrunk to at most N crops' worth for `anyres_max_N`. In a multi-image sample: the base
-        crop's tokens plus one newline token.
-        """
+        """Visual tokens of an image of `height` x `width` pixels: `configuration_visor.num_visual_tokens` (the one
+        count of the package) asked with this processor's settings: square crops of `crop_height` pixels
+        (`crop_width` is the same for LLaVA-OneVision) of `num_image_tokens` tokens each, the image processor's
+        pinpoints, `vision_aspect_ratio` and `vision_feature_select_strategy`."""
         side = math.isqrt(self.num_image_tokens)  # tokens along a crop's side (27 for SigLIP-384/14)
-        if multi_image:
-            count = self.num_image_tokens + 1
-        else:
-            best_height, best_width = select_best_resolution([height, width], self.image_processor.image_grid_pinpoints)
-            grid_height, grid_width = side * (best_height // crop_height), side * (best_width // crop_width)
-            if width / height > grid_width / grid_height:  # padded above and below: drop those rows
-                new_height = int(round(height * (grid_width / width), 7))
-                grid_height -= 2 * ((grid_height - new_height) // 2)
-            else:  # padded left and right: drop those columns
-                new_width = int(round(width * (grid_height / height), 7))
-                grid_width -= 2 * ((grid_width - new_width) // 2)
-            max_crops = int(self.vision_aspect_ratio.removeprefix("anyres_max_"))
-            ratio = math.sqrt(grid_height * grid_width / (max_crops * side**2))
-            if ratio > 1.1:  # the model interpolates the grid down to this size
-                grid_height, grid_width = int(grid_height // ratio), int(grid_width // ratio)
-            count = self.num_image_tokens + grid_height * grid_width + grid_height  # base + grid + newlines
-        if self.vision_feature_select_strategy == "default":
-            count -= 1
-        return count
+        patch = max(1, crop_height // side)
+        if side * side != self.num_image_tokens or crop_height // patch != side:
+            raise ValueError(
+                f"num_image_tokens={self.num_image_tokens} is not (crop size // patch size)^2 for crops of "
+                f"{crop_height} x {crop_width} pixels"
+            )
+        settings = SimpleNamespace(  # the fields of a model config that the count reads
+            vision_config=SimpleNamespace(image_size=crop_height, patch_size=patch),
+            image_grid_pinpoints=self.image_processor.image_grid_pinpoints,
+            vision_aspect_ratio=self.vision_aspect_ratio,
+            vision_feature_select_strategy=self.vision_feature_select_strategy,
+        )
+        return num_visual_tokens(settings, (height, width), multi_image=multi_image)
 
 
 VisorProcessor.register_for_auto_class("AutoProcessor")  # save_pretrained copies this file and writes its auto_map
