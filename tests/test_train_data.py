@@ -82,6 +82,14 @@ def test_malformed_json_list_names_its_line(tmp_path):
         load_records(str(path), "")
 
 
+def test_images_are_left_unchecked_without_an_image_folder(tmp_path):
+    """`image_folder=None` (library callers that resolve images themselves): the other checks still run."""
+    lost = {**GOOD, "image": "nowhere.png"}
+    assert load_records(write_jsonl(tmp_path / "data.jsonl", [lost]), None)[0]["image"] == "nowhere.png"
+    with pytest.raises(ValueError, match=r"line 1 \(id 'no-answer'\): no answer turn"):
+        load_records(write_jsonl(tmp_path / "bad.jsonl", [{"id": "no-answer", "conversations": turns(("human", "q"))}]))
+
+
 def test_empty_and_absent_files(tmp_path):
     with pytest.raises(ValueError, match=r"holds no records"):
         load_records(write_jsonl(tmp_path / "empty.jsonl", []), "")

@@ -112,14 +112,14 @@ def check_record(record: dict, image_folder: str | None) -> list[str]:
         problems.append("no answer turn (from 'gpt' or 'assistant'): it would train nothing")
     image = record.get("image")
     marked = any(IMAGE_MARK in str(turn.get("value")) for turn in turns if isinstance(turn, dict))
-    if image and not isinstance(image, str):
+    if not image:
+        if marked:
+            problems.append(f"{IMAGE_MARK} in its text but no 'image' field")
+    elif not isinstance(image, str):
         problems.append(f"'image' is {image!r}: one file name per record is supported")
-    elif image and image_folder is not None:
+    elif image_folder is not None and not os.path.isfile(os.path.join(image_folder, image)):
         path = os.path.join(image_folder, image)
-        if not os.path.isfile(path):
-            problems.append(f"image {path} not found" + ("" if image_folder else " (no --image_folder given)"))
-    elif marked:
-        problems.append(f"{IMAGE_MARK} in its text but no 'image' field")
+        problems.append(f"image {path} not found" + ("" if image_folder else " (no --image_folder given)"))
     return problems
 
 
