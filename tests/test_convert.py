@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from visor_hf import VisorForConditionalGeneration
+from visor_hf.configuration_visor import HUB_CODE_FILES
 from visor_hf.convert_llava_ov import convert, main
 from visor_hf.processing_visor import ROUTING_TOKEN
 from visor_hf.testing import (
@@ -40,7 +41,7 @@ V5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The other line's interpreter: $VISOR_OTHER_PYTHON (set by .ci/run), else the developer's sibling venv.
 OTHER_PYTHON = Path(os.environ.get("VISOR_OTHER_PYTHON", REPO_ROOT / (".venv457" if V5 else ".venv5") / "bin" / "python"))
-CODE_FILES = {"configuration_visor.py", "modeling_visor.py", "processing_visor.py"}
+CODE_FILES = set(HUB_CODE_FILES)
 AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoProcessor"}
 
 # Conversions under test: source layout, whether the source ties its embeddings, CLI layer options.
@@ -397,7 +398,7 @@ def test_model_and_processor_push_to_hub(converted, hub):
     processor.push_to_hub("someone/visor-trained")
     files = {**hub[0].files, **hub[1].files}
     assert_complete_repo(files)
-    assert {"configuration_visor.py", "modeling_visor.py", "processing_visor.py"} <= set(hub[0].files)
+    assert CODE_FILES <= set(hub[0].files)
     assert "processing_visor.py" in hub[1].files
     processor_config = json.loads(files["processor_config.json"])
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_visor.VisorProcessor"

@@ -7,6 +7,7 @@
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -185,4 +186,12 @@ def test_a_new_module_is_trained_without_a_name_pattern(visor):
     model.model.token_packer = VisorTokenPacker(visor.config.text_config.hidden_size, 2)
     assert "model.token_packer.weight" in set_trainable(model, "stage1")
     assert not hasattr(trainer_module, "new_part") and not hasattr(train_module, "HUB_FILES")
-    assert train_module.HUB_CODE_FILES is HUB_CODE_FILES
+
+
+def test_every_stage_folder_carries_the_hub_code_files(visor, tmp_path):
+    """`save_folder` relies on the model's `save_pretrained` for the code files (their one list: HUB_CODE_FILES)."""
+    from visor_hf.testing import tiny_processor
+
+    train_module.save_folder(visor, tiny_processor(visor.config), str(tmp_path / "out"))
+    for name in HUB_CODE_FILES:
+        assert (tmp_path / "out" / name).read_bytes() == (Path(train_module.__file__).parent / name).read_bytes()

@@ -25,14 +25,13 @@ import itertools
 import json
 import os
 import random
-import shutil
 import sys
 from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from .configuration_visor import HUB_CODE_FILES, VisorConfig, validate_token_reduction
+from .configuration_visor import VisorConfig, validate_token_reduction
 from .modeling_visor import VisorForConditionalGeneration
 from .training.data import VisorDataCollator, load_records
 from .training.evaluation import evaluate_configurations, select_viable, summarise
@@ -98,13 +97,11 @@ def load_model_and_processor(path: str):
 
 
 def save_folder(model, processor, output_dir: str) -> None:
-    """Weights, config, processor and the Hub code files: loadable with trust_remote_code=True."""
+    """Weights, config, processor and the Hub code files (which the model's `save_pretrained` writes beside the
+    weights): loadable with trust_remote_code=True."""
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    package = os.path.dirname(os.path.abspath(__file__))
-    for name in HUB_CODE_FILES:
-        shutil.copy(os.path.join(package, name), os.path.join(output_dir, name))
 
 
 def training_arguments(args: TrainingArguments) -> TrainingArguments:
