@@ -289,6 +289,7 @@ def run_child(script: Path, point: str, argv: list[str], kill_after: float | Non
         child.stdout.close()
 
 
+@pytest.mark.slow
 def test_killed_conversion_leaves_the_old_folder_or_the_new_one(sources, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)

@@ -92,6 +92,7 @@ def pipeline(tmp_path_factory):
     return run, root
 
 
+@pytest.mark.slow
 def test_pipeline_trains_and_every_artefact_loads(pipeline):
     run, root = pipeline
     dense_log = json.loads(open(run.path("dense", "training_log.json")).read())
@@ -131,6 +132,7 @@ def run_demo(*argv) -> str:
     return printed.getvalue()
 
 
+@pytest.mark.slow
 def test_demo_runs_on_a_pipeline_checkpoint(pipeline):
     _, root = pipeline
     out = run_demo("--model", str(root / "checkpoint"), "--budget", "0")

@@ -112,6 +112,7 @@ def test_stage1_trains_only_the_new_parts(workspace, stage1):
         assert (stage1 / name).exists(), name
 
 
+@pytest.mark.slow
 def test_universal_trains_the_language_model_and_draws_every_configuration(stage1, universal):
     before, after = load(stage1).state_dict(), load(universal).state_dict()
     layer = "model.language_model.layers.2.mlp.down_proj.weight"
@@ -127,6 +128,7 @@ def after_config(path):
     return load(path).config
 
 
+@pytest.mark.slow
 def test_search_writes_viable_configurations_table_and_plot(searched):
     out = searched
     table = json.loads((out / "search.json").read_text())
@@ -141,6 +143,7 @@ def test_search_writes_viable_configurations_table_and_plot(searched):
     assert flops[()] < flops[(4,)] < flops[(1, 4)] <= 1.0
 
 
+@pytest.mark.slow
 def test_pseudo_labels_are_valid_configurations_one_per_question(workspace, searched):
     labels = workspace / "labels.jsonl"
     train_main(["pseudo-label", *args(workspace, searched, "--output", str(labels))])
@@ -155,6 +158,7 @@ def test_pseudo_labels_are_valid_configurations_one_per_question(workspace, sear
         assert set(line["losses"]) == {",".join(map(str, c)) for c in configurations}
 
 
+@pytest.mark.slow
 def test_router_learns_a_learnable_labelling(workspace, searched, tmp_path):
     """Questions ending in 'zzz' need the full configuration, those ending in 'aaa' none: the router must tell."""
     images = workspace / "images"
@@ -180,6 +184,7 @@ def test_router_learns_a_learnable_labelling(workspace, searched, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if ".router." not in k)
 
 
+@pytest.mark.slow
 def test_two_process_universal_run_ends_with_identical_weights(workspace, tmp_path):
     script = tmp_path / "ddp_universal.py"
     script.write_text(
