@@ -7,6 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from visor_hf import VisorForConditionalGeneration
+from visor_hf.flops import cache_nbytes
+from visor_hf.modeling_visor import CACHE_FIELD
 from visor_hf.testing import tiny_inputs, tiny_llava_onevision
 
 from .conftest import perturb_new_parameters
@@ -70,3 +72,30 @@ def test_mixed_batch_gives_each_sample_its_own_logits(eager_visor, budgets):
         for i, budget in enumerate(budgets):
             expected = model(**single(inputs, i), budget=budget).logits[0, -1]
             torch.testing.assert_close(together[i], expected, atol=1e-5, rtol=0)
+
+
+def prefill_and_decode(model, inputs, budget) -> tuple[int, int]:
+    """(bytes of keys/values the cache holds after the prefill, FLOPs of the next decoding step)."""
+    with torch.no_grad():
+        out = model(**inputs, budget=budget, use_cache=True)
+        cache = out[CACHE_FIELD]
+        nbytes = cache_nbytes(cache)["total"]
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=token, attention_mask=mask, **{CACHE_FIELD: cache}, use_cache=True)
+    return nbytes, counter.get_total_flops()
+
+
+@pytest.mark.parametrize("budgets", [[0, 0, 0, "full"], ["full", 1, 0, 2]])
+def test_mixed_batch_caches_and_decodes_what_its_samples_do(eager_visor, budgets):
+    """The KV cache of a mixed batch holds what its samples' caches hold alone (a sample that skips a layer caches
+    its text only there), and a decoding step costs the sum of theirs (within 5 %)."""
+    llava, model = eager_visor
+    inputs = tiny_inputs(llava, [size for size, _ in SAME_LENGTH], [lengths for _, lengths in SAME_LENGTH])
+    together = prefill_and_decode(model, inputs, budgets)
+    singles = [prefill_and_decode(model, sample_inputs(llava, SAME_LENGTH[i]), b) for i, b in enumerate(budgets)]
+    assert together[0] == sum(nbytes for nbytes, _ in singles)
+    decode_singles = sum(flops for _, flops in singles)
+    assert decode_singles <= together[1] <= 1.05 * decode_singles, (together[1], decode_singles)
+    assert together[0] < prefill_and_decode(model, inputs, "full")[0]

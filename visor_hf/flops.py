@@ -413,13 +413,16 @@ def kv_cache_bytes(config, num_vision_tokens: int, num_text_tokens: int, budget=
 
 
 def cache_nbytes(cache) -> dict[str, int]:
-    """Bytes of keys and values a filled cache holds (a `DynamicCache`, or a `VisorCache` with its cross-attention
-    keys/values in `cache.prompt`): {"layers", "cross_attn", "total"}. The measured counterpart of `kv_cache_bytes`."""
+    """Bytes of keys and values a filled cache holds (a `DynamicCache`, or a `VisorCache` with its per-group layers in
+    `cache.row_groups` and its cross-attention keys/values in `cache.prompt`): {"layers", "cross_attn", "total"}. The measured counterpart of `kv_cache_bytes`."""
 
     def nbytes(tensor) -> int:
         return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
     layers = sum(nbytes(getattr(layer, "keys", None)) + nbytes(getattr(layer, "values", None)) for layer in cache.layers)
+    # a VisorCache's layers that the samples of a batch ran differently keep one cache per group of samples
+    groups = [group for groups in getattr(cache, "row_groups", {}).values() for group in groups]
+    layers += sum(nbytes(group.keys) + nbytes(group.values) for group in groups)
     prompt = getattr(cache, "prompt", None)
     cross = sum(nbytes(k) + nbytes(v) for k, v in prompt.cross_key_values.values()) if prompt is not None else 0
     return {"layers": layers, "cross_attn": cross, "total": layers + cross}

@@ -548,16 +548,34 @@ class VisorStreams:
         text = out.scatter(1, expand_index(pick(self.text_index), out), pick(self.text))
         return torch.where(is_visual.unsqueeze(-1), visual, text)
 
-    def split(self, dense: torch.Tensor, runs: torch.Tensor) -> None:
-        """Take the streams back from a self-attention layer's output; samples that did not run it (`runs` (B,) False)
-        keep their visual tokens unchanged."""
-        self.text = dense.gather(1, expand_index(self.text_index, dense))
-        self.visual = torch.where(runs[:, None, None], dense.gather(1, expand_index(self.visual_index, dense)), self.visual)
+    def split(self, dense: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Take the streams back from a self-attention layer's output (B, S, H), of all samples or of `rows`."""
+        text_index, visual_index = self.text_index, self.visual_index
+        if rows is None:
+            self.text, self.visual = dense.gather(1, expand_index(text_index, dense)), dense.gather(1, expand_index(visual_index, dense))
+            return
+        text_index, visual_index = text_index.index_select(0, rows), visual_index.index_select(0, rows)
+        self.text = self.text.index_copy(0, rows, dense.gather(1, expand_index(text_index, dense)))
+        self.visual = self.visual.index_copy(0, rows, dense.gather(1, expand_index(visual_index, dense)))
 
 
 def expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B, N) token indices -> (B, N, H) for gather/scatter along dim 1 of `like` (B, S, H)."""
     return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
+
+
+ALL_ROWS = "all"  # `VisorPromptState.visual_split`: every sample runs the layer on its visual tokens
+
+
+@dataclass
+class RowSplit:
+    """The samples of a batch that run a layer on [V; T] (`dense`) and those that run it on their text only (`text`), as
+    device row indices and host lists."""
+
+    dense: torch.Tensor
+    text: torch.Tensor
+    dense_host: list[int]
+    text_host: list[int]
 
 
 @dataclass
@@ -584,48 +602,39 @@ class VisorPromptState:
     routing_pending: list[bool] = field(default_factory=list)  # per sample: the router has yet to choose (budget "auto")
     cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V), filled at prefill
     # derived from `configurations` by `set_configurations`:
-    active: torch.Tensor | None = None  # (B, L) on the device: sample b runs layer l on its visual tokens
-    visual_layers: frozenset = frozenset()  # layers whose cache holds visual + text keys
-    shared_layers: frozenset = frozenset()  # layers every sample with images runs: no visual key to hide there
-    _row_groups: dict = field(default_factory=dict)  # see row_groups
+    visual_layers: frozenset = frozenset()  # layers some sample with images runs on its visual tokens
+    _splits: dict = field(default_factory=dict)  # see visual_split
 
     def set_configurations(self, configurations: list[tuple[int, ...]]) -> None:
         """The self-attention layers of each sample (decided on the host, so no layer waits for the GPU to say so)."""
         self.configurations = [tuple(c) for c in configurations]
-        active = torch.zeros(len(configurations), self.num_layers, dtype=torch.bool)
-        for row, configuration in zip(active, self.configurations):
-            row[list(configuration)] = True
-        self.active = active.to(self.is_visual.device)
         runs = [set(c) for c, has_visual in zip(self.configurations, self.has_visual) if has_visual]
         self.visual_layers = frozenset(set().union(*runs))
-        self.shared_layers = frozenset(set.intersection(*runs) if runs else range(self.num_layers))
 
-    def row_groups(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """At prefill, which samples run `layer` on their visual tokens and which run it on their text only, as device
-        row indices (dense_rows, text_rows); text_rows is None when every sample runs it, and None overall when none
-        does. Decided on the host; the index tensors are made once per distinct split."""
+    def visual_split(self, layer: int) -> "RowSplit | str | None":
+        """At prefill, who runs `layer` on visual tokens: None (no sample: a text-only layer), ALL_ROWS (every sample),
+        or a `RowSplit` (some samples run it on [V; T], the others on their text only). Decided on the host; the row
+        index tensors are made once per distinct split."""
         if layer not in self.visual_layers:
             return None
         runs = tuple(has_visual and layer in c for c, has_visual in zip(self.configurations, self.has_visual))
         if all(runs):
-            return self.active[:, layer], None
-        if runs not in self._row_groups:
-            as_rows = lambda keep: torch.tensor([b for b, r in enumerate(runs) if r == keep], device=self.is_visual.device)
-            self._row_groups[runs] = (as_rows(True), as_rows(False))
-        return self._row_groups[runs]
+            return ALL_ROWS
+        if runs not in self._splits:
+            dense_host = [b for b, r in enumerate(runs) if r]
+            text_host = [b for b, r in enumerate(runs) if not r]
+            as_rows = lambda rows: torch.tensor(rows, device=self.is_visual.device)
+            self._splits[runs] = RowSplit(as_rows(dense_host), as_rows(text_host), dense_host, text_host)
+        return self._splits[runs]
 
     def text_mask(self, num_queries: int) -> torch.Tensor | None:
         """A text-only layer: the Q new text tokens read the text keys up to themselves."""
         return causal_allowed(self.text_valid, num_queries) if self.text_padded else None
 
-    def dense_mask(self, layer: int, num_queries: int, rows=None) -> torch.Tensor | None:
-        """A layer in `visual_layers`: the Q newest tokens of the dense sequence read the keys up to themselves, except
-        the visual keys of samples that skip this layer. `rows`: only samples that all run the layer will use it."""
-        if not self.dense_padded and (layer in self.shared_layers or rows is not None):
-            return None
-        is_visual = F.pad(self.is_visual, (0, self.dense_valid.shape[1] - self.is_visual.shape[1]))
-        hidden = is_visual & ~self.active[:, layer : layer + 1]
-        return causal_allowed(self.dense_valid & ~hidden, num_queries)
+    def dense_mask(self, num_queries: int) -> torch.Tensor | None:
+        """A layer run on [V; T] (by every sample it is asked for, see `visual_split`): the Q newest tokens of the dense
+        sequence read the keys up to themselves."""
+        return causal_allowed(self.dense_valid, num_queries) if self.dense_padded else None
 
     def cross_mask(self, num_queries: int, text_index=None, visual_index=None) -> torch.Tensor | None:
         """Cross-attention keeps the dense causal order: a text token reads the images placed before it. Given the
@@ -645,8 +654,8 @@ class VisorPromptState:
             self.dense_padded = self.text_padded = True
 
     def index_select(self, index: torch.Tensor) -> None:
-        """Keep the samples `index` (beam search reorders them): shared_layers stays true of any selection."""
-        for name in ("is_visual", "dense_valid", "text_valid", "visual_valid", "active"):
+        """Keep the samples `index` (beam search reorders them)."""
+        for name in ("is_visual", "dense_valid", "text_valid", "visual_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
         host_index = index.tolist()
         self.configurations = [self.configurations[i] for i in host_index]
@@ -699,16 +708,27 @@ class VisorPrompt:
 # --------------------------------------------------------------------------------------------------
 
 
-class KeyValueRecorder:
-    """Stands in for the cache when a layer runs on part of a batch at prefill (`VisorModel.mixed_layer_step`): keeps
-    the keys/values the layer computes, so that the step can store the whole batch's in the real cache at once."""
+class RowGroupCache:
+    """One layer's keys/values for a group of samples that run it the same way, in a batch whose samples do not all
+    (`VisorModel.split_layer_step`): the samples that run it on [V; T] keep dense keys, the others text keys only. The
+    layer gets the group's cache as its cache (its `update` is all a layer calls)."""
 
-    def __init__(self):
-        self.key_values = None
+    def __init__(self, rows: torch.Tensor, rows_host: list[int], runs_visual: bool):
+        self.rows, self.rows_host, self.runs_visual = rows, rows_host, runs_visual
+        self.keys = self.values = None
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        self.key_values = (key, value)
-        return key, value  # a prompt has no earlier keys
+        if self.keys is not None:
+            key, value = torch.cat([self.keys, key], dim=-2), torch.cat([self.values, value], dim=-2)
+        self.keys, self.values = key, value
+        return key, value
+
+    def select(self, picked: list[tuple[int, int]]) -> "RowGroupCache":
+        """The group after the batch is re-indexed: `picked` lists (new row, position in this group)."""
+        group = RowGroupCache(self.rows.new_tensor([row for row, _ in picked]), [row for row, _ in picked], self.runs_visual)
+        local = self.keys.new_tensor([position for _, position in picked], dtype=torch.long)
+        group.keys, group.values = self.keys.index_select(0, local), self.values.index_select(0, local)
+        return group
 
 
 class VisorCache(DynamicCache):
@@ -718,19 +738,32 @@ class VisorCache(DynamicCache):
     def __init__(self):
         super().__init__()
         self.prompt: VisorPromptState | None = None
+        self.row_groups: dict[int, list[RowGroupCache]] = {}  # layers whose samples ran them differently
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.prompt is None else self.prompt.seq_length
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        if self.prompt is not None:
-            self.prompt.index_select(beam_idx)
+        self.select_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
+        self.select_rows(indices)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """VISOR's part of a re-indexed batch (new row i is old row index[i]): the prompt state and the row groups."""
         if self.prompt is not None:
-            self.prompt.index_select(indices)
+            self.prompt.index_select(index)
+        index = index.tolist()
+        for layer, groups in self.row_groups.items():
+            regrouped = []
+            for group in groups:
+                position = {row: p for p, row in enumerate(group.rows_host)}
+                picked = [(new, position[old]) for new, old in enumerate(index) if old in position]
+                if picked:
+                    regrouped.append(group.select(picked))
+            self.row_groups[layer] = regrouped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1103,55 +1136,56 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         both run through here. The layer is called through its own forward (module call), so hooks on it work."""
         layer = self.language_model.layers[layer_idx]
         implementation = self.config.text_config._attn_implementation or "sdpa"
-        rows = state.row_groups(layer_idx) if streams.visual is not None else None
-        if rows is not None and rows[1] is None:  # prefill, every sample runs the layer on [V; T] in the dense order
+        split = state.visual_split(layer_idx) if streams.visual is not None else None  # prefill
+        if split == ALL_ROWS:  # every sample runs the layer on [V; T] in the dense order
             dense = layer(
-                streams.dense(state.is_visual), attention_mask=state.dense_mask(layer_idx, state.is_visual.shape[1]),
+                streams.dense(state.is_visual), attention_mask=state.dense_mask(state.is_visual.shape[1]),
                 position_embeddings=streams.dense_rope, **{CACHE_FIELD: cache},
             )
-            streams.split(dense, state.active[:, layer_idx])
-        elif rows is not None:  # prefill, some samples run it on [V; T], the others on T only
-            self.mixed_layer_step(layer, layer_idx, streams, state, cache, *rows)
-        else:  # text only; when decoding, a layer in visual_layers reads the visual keys its cache holds
-            num_queries = streams.text.shape[1]
-            mask = state.dense_mask(layer_idx, num_queries) if layer_idx in state.visual_layers else state.text_mask(num_queries)
-            streams.text = layer(streams.text, attention_mask=mask, position_embeddings=streams.text_rope, **{CACHE_FIELD: cache})
+            streams.split(dense)
+        elif split is not None:  # some samples run it on [V; T], the others on their text only
+            self.split_layer_step(layer, layer_idx, streams, state, cache, split)
+        elif cache is not None and layer_idx in cache.row_groups:  # decoding a layer the samples ran differently
+            for group in cache.row_groups[layer_idx]:
+                mask = state.dense_mask if group.runs_visual else state.text_mask
+                self.text_rows_step(layer, streams, mask(streams.text.shape[1]), group)
+        else:  # text only; when decoding, a layer every sample ran on [V; T] reads the visual keys its cache holds
+            mask = state.dense_mask if layer_idx in state.visual_layers else state.text_mask
+            streams.text = layer(
+                streams.text, attention_mask=mask(streams.text.shape[1]), position_embeddings=streams.text_rope,
+                **{CACHE_FIELD: cache},
+            )
         if str(layer_idx) in self.cross_attn and (streams.visual is not None or layer_idx in state.cross_key_values):
             streams.text, state.cross_key_values[layer_idx] = self.cross_attn[str(layer_idx)](
                 streams.text, streams.cross_mask, implementation, key_values=state.cross_key_values.get(layer_idx),
                 visual=streams.visual, image_ids=streams.visual_image_ids, layout=streams.visual_layout,
             )
 
-    def mixed_layer_step(self, layer, layer_idx: int, streams, state, cache, dense_rows, text_rows) -> None:
-        """Prefill of a layer that some samples (`dense_rows`) run on [V; T] and the others (`text_rows`) skip: each group
-        runs as what it is, so a sample pays for what it runs. The cache keeps the dense layout at this layer, the
-        skipping samples' keys at their text positions (their visual slots stay empty and `dense_mask` hides them)."""
-        length = state.is_visual.shape[1]
-        recorders = (KeyValueRecorder(), KeyValueRecorder()) if cache is not None else (None, None)
-        pick = lambda x, rows: None if x is None else x.index_select(0, rows)
+    def split_layer_step(self, layer, layer_idx: int, streams, state, cache, split: RowSplit) -> None:
+        """Prefill of a layer that some samples run on [V; T] and the others skip: each group runs as what it is, so a
+        sample pays for what it runs, and each group's keys/values go to a cache of its own (`RowGroupCache`): the
+        skipping samples cache their text only, as they would alone."""
+        dense_group, text_group = RowGroupCache(split.dense, split.dense_host, True), RowGroupCache(split.text, split.text_host, False)
+        mask = state.dense_mask(state.is_visual.shape[1])
         dense = layer(
-            streams.dense(state.is_visual, dense_rows), attention_mask=pick(state.dense_mask(layer_idx, length, dense_rows), dense_rows),
-            position_embeddings=tuple(pick(x, dense_rows) for x in streams.dense_rope), **{CACHE_FIELD: recorders[0]},
+            streams.dense(state.is_visual, split.dense), attention_mask=None if mask is None else mask.index_select(0, split.dense),
+            position_embeddings=tuple(x.index_select(0, split.dense) for x in streams.dense_rope),
+            **{CACHE_FIELD: dense_group},
         )
+        self.text_rows_step(layer, streams, state.text_mask(streams.text.shape[1]), text_group)
+        streams.split(dense, split.dense)
+        if cache is not None:
+            cache.row_groups[layer_idx] = [dense_group, text_group]
+
+    @staticmethod
+    def text_rows_step(layer, streams, mask, group: RowGroupCache) -> None:
+        """The layer on the text stream of the samples `group.rows`, with the group's cache."""
+        pick = lambda x: x.index_select(0, group.rows)
         text = layer(
-            pick(streams.text, text_rows), attention_mask=pick(state.text_mask(streams.text.shape[1]), text_rows),
-            position_embeddings=tuple(pick(x, text_rows) for x in streams.text_rope), **{CACHE_FIELD: recorders[1]},
+            pick(streams.text), attention_mask=None if mask is None else pick(mask),
+            position_embeddings=tuple(pick(x) for x in streams.text_rope), **{CACHE_FIELD: group},
         )
-        text_index, visual_index = pick(streams.text_index, dense_rows), pick(streams.visual_index, dense_rows)
-        streams.text = streams.text.index_copy(0, text_rows, text).index_copy(
-            0, dense_rows, dense.gather(1, expand_index(text_index, dense))
-        )
-        streams.visual = streams.visual.index_copy(0, dense_rows, dense.gather(1, expand_index(visual_index, dense)))
-        if cache is not None:  # (B, kvh, S, d): the dense rows' keys as they are, the text rows' at their text positions
-            slots = pick(streams.text_index, text_rows)
-            merged = []
-            for dense_kv, text_kv in zip(recorders[0].key_values, recorders[1].key_values):
-                out = dense_kv.new_zeros(state.is_visual.shape[0], *dense_kv.shape[1:]).index_copy(0, dense_rows, dense_kv)
-                spread = dense_kv.new_zeros(len(text_rows), *dense_kv.shape[1:]).scatter(
-                    2, slots[:, None, :, None].expand(-1, text_kv.shape[1], -1, text_kv.shape[-1]), text_kv
-                )
-                merged.append(out.index_copy(0, text_rows, spread))
-            cache.update(*merged, layer_idx)
+        streams.text = streams.text.index_copy(0, group.rows, text)
 
     # ---- prefill: the prompt and its two streams ----------------------------------------------------
 
