@@ -11,7 +11,9 @@ setup(
     package_data={"visor_hf.toyworld": ["checkpoint/*", "results/*"]},
     entry_points={
         "console_scripts": ["visor-convert=visor_hf.convert_llava_ov:main", "visor-train=visor_hf.train:main",
-                            "visor-demo=visor_hf.demo:main"]
+                            "visor-demo=visor_hf.demo:main"],
+        # `python -m lmms_eval --model visor ...` (visor_hf/lmms_eval_visor.py)
+        "lmms_eval.models": ["visor=visor_hf.lmms_eval_visor:manifest"],
     },
     python_requires=">=3.10",
     # torch is not pinned here: install it first (see README), or pip pulls a multi-GB CUDA build.
@@ -28,5 +30,9 @@ setup(
         "test": ["pytest", "matplotlib", "datasets"],
         "train": ["datasets", "matplotlib"],
         "flash": ["flash-attn>=2.6"],
+        # lmms-eval itself goes in with `pip install --no-deps lmms-eval==0.7.3` (its own requirements pull torchvision,
+        # wandb, openai, ...); these are the modules it imports to run a generation task on the `visor` model.
+        "eval": ["loguru", "pytablewriter", "sqlitedict", "evaluate", "jsonlines", "tenacity", "pyyaml", "Jinja2",
+                 "sacrebleu", "zstandard", "tqdm-multiprocess", "filelock<4", "datasets"],
     },
 )
