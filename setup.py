@@ -32,7 +32,8 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # lmms-eval itself goes in with `pip install --no-deps lmms-eval==0.7.3` (its own requirements pull torchvision,
         # wandb, openai, ...); these are the modules it imports to run a generation task on the `visor` model.
-        "eval": ["loguru", "pytablewriter", "sqlitedict", "evaluate", "jsonlines", "tenacity", "pyyaml", "Jinja2",
-                 "sacrebleu", "zstandard", "tqdm-multiprocess", "filelock<4", "datasets"],
+        # filelock 4 dropped `filelock._api`, which lmms-eval 0.7.3's evaluator patches.
+        "eval": ["loguru", "pytablewriter", "evaluate", "tenacity", "pyyaml", "Jinja2", "sacrebleu", "zstandard", "pytz",
+                 "filelock<4", "datasets"],
     },
 )
