@@ -87,7 +87,7 @@ def toy_model():
     return model, VisorProcessor.from_pretrained(DEFAULT_MODEL)
 
 
-def direct_answers(model, processor, records, budget) -> tuple[list[str], list[tuple]]:
+def direct_answers(model, processor, records, budget, token_reduction=None) -> tuple[list[str], list[tuple]]:
     """`model.generate`'s greedy answers for the chat prompts, one question at a time, and the layers that ran."""
     from PIL import Image
 
@@ -98,8 +98,8 @@ def direct_answers(model, processor, records, budget) -> tuple[list[str], list[t
         with Image.open(record["image"]) as image:
             inputs = dict(processor(images=image.convert("RGB"), text=prompt, return_tensors="pt"))
         with torch.no_grad():
-            out = model(**inputs, budget=budget, use_cache=False)
-            tokens = model.generate(**inputs, budget=budget, max_new_tokens=4, do_sample=False,
+            out = model(**inputs, budget=budget, use_cache=False, token_reduction=token_reduction)
+            tokens = model.generate(**inputs, budget=budget, max_new_tokens=4, do_sample=False, token_reduction=token_reduction,
                                     pad_token_id=processor.tokenizer.pad_token_id)
         answers.append(processor.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
         layers.append(tuple(out.self_attn_layers[0]))
@@ -164,7 +164,7 @@ def make_requests(lm, records, budgets):
     lm.task_dict = {TASK: {"test": records}}
     requests = []
     for i, (record, budget) in enumerate(zip(records, budgets)):
-        settings = {"max_new_tokens": 4, "temperature": 0, "until": ["\n"], "budget": budget}
+        settings = {"max_new_tokens": 4, "temperature": 0, "until": ["\n"], **({} if budget is None else {"budget": budget})}
         args = (record["question"], settings, doc_to_visual, i, TASK, "test")
         requests.append(Instance(request_type="generate_until", arguments=args, idx=0, metadata={"task": TASK, "doc_id": i, "repeats": 1}))
     return requests
@@ -184,6 +184,23 @@ def test_batch_mixing_budgets_answers_as_each_alone(toy_task, toy_model):
     assert [len(row["self_attn_layers"]) for row in lm.sample_costs[1:4]] == [0, 3, 2]
     dense = lm.sample_costs[0]["dense_llm_flops"]
     assert lm.sample_costs[1]["visor_llm_flops"] < lm.sample_costs[3]["visor_llm_flops"] < lm.sample_costs[2]["visor_llm_flops"] < dense
+
+
+def test_token_reduction_from_model_args(toy_task, toy_model):
+    """A JSON setting in --model_args (the toy vision tower has one layer, so VisionZip scores at layer -1); the
+    FLOPs logged count the kept tokens, against dense on all of them."""
+    from visor_hf.lmms_eval_visor import Visor
+
+    _, records = toy_task
+    records = records[:4]
+    setting = {"method": "visionzip", "keep_ratio": 0.5, "score_layer": -1}
+    lm = Visor.create_from_arg_string(f"pretrained={DEFAULT_MODEL},budget=0,batch_size=4,token_reduction={json.dumps(setting)}")
+    assert lm.token_reduction == setting
+    answers = lm.generate_until(make_requests(lm, records, [None] * len(records)))
+    assert answers == direct_answers(*toy_model, records, 0, token_reduction=setting)[0]
+    for row in lm.sample_costs:
+        assert row["budget"] == 0 and row["self_attn_layers"] == []
+        assert row["num_vision_tokens_kept"] < row["num_vision_tokens"] and row["fewer_than_dense"] > 1
 
 
 def test_model_args_are_checked(tmp_path):

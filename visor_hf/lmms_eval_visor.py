@@ -11,7 +11,8 @@ which lmms-eval always passes, 1 and None by default):
     budget           auto (the router picks per sample) | full | k (the configuration with k self-attention
                      layers); default: the config's `default_budget`. A task's `generation_kwargs` (or
                      `--gen_kwargs budget=...`) may set `budget` per task; it wins over this one.
-    token_reduction  none | visionzip:R | vispruner:R (R = keep ratio in (0, 1]) | pack:K (pack factor K);
+    token_reduction  none | visionzip:R | vispruner:R (R = keep ratio in (0, 1]) | pack:K (pack factor K) | a JSON
+                     setting with more fields, e.g. '{"method":"visionzip","keep_ratio":0.5,"score_layer":-1}';
                      default: the config's own `token_reduction`
     batch_size       prompts per `generate` call (default 1); a batch may mix budgets and configurations
     device           cpu | cuda | cuda:N (default: cuda when available)
@@ -27,6 +28,7 @@ Design choices:
 - Requests are batched in their own order, `batch_size` at a time, among requests with the same generation
   settings (apart from `budget`); prompts are left-padded, and each sample of a batch runs its own budget
   (VISOR's generate takes one budget per sample, and a batch gives each sample what it gets alone).
+- One process: rank 0 of world size 1 (lmms-eval's default); `accelerate launch` data parallelism is not wired.
 - Every sample is logged (lmms-eval's loguru logger at INFO, the `cost_log` file, and `self.sample_costs`):
   the self-attention layers it ran (for "auto" the router's pick, from `model.route`), and the language
   model's prefill FLOPs from `visor_hf.flops.describe_cost` against dense LLaVA-OneVision on the same prompt
@@ -78,10 +80,15 @@ def parse_budget(value):
 
 
 def parse_token_reduction(value):
-    """`none`, `visionzip:0.25`, `vispruner:0.5` or `pack:4` as the model takes it: "none", a setting dict, or None
-    (not given: the config's own setting applies)."""
+    """`none`, `visionzip:0.25`, `vispruner:0.5`, `pack:4` or a JSON setting (`{"method": "visionzip", "keep_ratio":
+    0.25, "score_layer": -1}`) as the model takes it: "none", a setting dict, or None (not given: the config's own
+    setting applies)."""
     if value is None or value == "none":
         return value
+    if isinstance(value, dict) or str(value).lstrip().startswith("{"):
+        setting = value if isinstance(value, dict) else json.loads(value)
+        validate_token_reduction(setting)
+        return setting
     method, _, amount = str(value).partition(":")
     if method not in TOKEN_REDUCTION_METHODS or not amount:
         raise ValueError(f"token_reduction={value!r}: use none, or METHOD:AMOUNT with METHOD in {TOKEN_REDUCTION_METHODS} "
@@ -188,7 +195,7 @@ class Visor(lmms):
         """Generate for a batch of requests with the same generation settings; log each sample's cost."""
         inputs = self.model_inputs(requests)
         settings = dict(requests[0].args[1])
-        budgets = [parse_budget(request.args[1].get("budget", self.budget)) for request in requests]
+        budgets = [self.budget_of(request) for request in requests]
         budget = budgets[0] if len(set(map(str, budgets))) == 1 else budgets
         layers = self.configurations(inputs, budgets)
         tokens = self.model.generate(
@@ -201,6 +208,11 @@ class Visor(lmms):
         answers = [truncate_at(text, [until] if isinstance(until, str) else until).strip() for text in texts]
         self.log_costs(requests, inputs, budgets, layers, answers)
         return answers
+
+    def budget_of(self, request: Instance):
+        """The request's own budget (from its task's generation settings), else the model's."""
+        budget = request.args[1].get("budget")
+        return self.budget if budget is None else parse_budget(budget)
 
     def model_inputs(self, requests: list[Instance]) -> dict:
         """The processor's left-padded batch for the requests' chat prompts and images."""
