@@ -109,10 +109,12 @@ def attend(query, key, value, allowed, implementation: str, scaling: float) -> t
     return out.transpose(1, 2)
 
 
-def causal_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """(B, K) key validity -> (B, 1, Q, K) mask where the Q queries are the last Q keys, causally."""
+def causal_allowed(key_valid: torch.Tensor, num_queries: int, first_query=None) -> torch.Tensor:
+    """(B, K) key validity -> (B, 1, Q, K) mask where query q is key `first_query + q` and reads the keys up to itself.
+    `first_query` defaults to K - Q (the queries are the last Q keys); a static cache passes a tensor."""
     num_keys = key_valid.shape[1]
-    q = torch.arange(num_queries, device=key_valid.device)[:, None] + (num_keys - num_queries)
+    first_query = num_keys - num_queries if first_query is None else first_query
+    q = torch.arange(num_queries, device=key_valid.device)[:, None] + first_query
     k = torch.arange(num_keys, device=key_valid.device)[None, :]
     return (k <= q)[None, None] & key_valid[:, None, None, :]
 
@@ -604,6 +606,10 @@ class VisorPromptState:
     # derived from `configurations` by `set_configurations`:
     visual_layers: frozenset = frozenset()  # layers some sample with images runs on its visual tokens
     _splits: dict = field(default_factory=dict)  # see visual_split
+    # static cache (`make_static`): tokens decoded so far, on the device, and where the prompt's keys end in each stream
+    decoded: torch.Tensor | None = None
+    text_start: int = 0
+    dense_start: int = 0
 
     def set_configurations(self, configurations: list[tuple[int, ...]]) -> None:
         """The self-attention layers of each sample (decided on the host, so no layer waits for the GPU to say so)."""
@@ -629,11 +635,15 @@ class VisorPromptState:
 
     def text_mask(self, num_queries: int) -> torch.Tensor | None:
         """A text-only layer: the Q new text tokens read the text keys up to themselves."""
+        if self.decoded is not None:
+            return causal_allowed(self.text_valid, num_queries, self.text_start + self.decoded)
         return causal_allowed(self.text_valid, num_queries) if self.text_padded else None
 
     def dense_mask(self, num_queries: int) -> torch.Tensor | None:
         """A layer run on [V; T] (by every sample it is asked for, see `visual_split`): the Q newest tokens of the dense
         sequence read the keys up to themselves."""
+        if self.decoded is not None:
+            return causal_allowed(self.dense_valid, num_queries, self.dense_start + self.decoded)
         return causal_allowed(self.dense_valid, num_queries) if self.dense_padded else None
 
     def cross_mask(self, num_queries: int, text_index=None, visual_index=None) -> torch.Tensor | None:
@@ -645,13 +655,32 @@ class VisorPromptState:
             return None
         return self.visual_valid[:, None, None, :].expand(-1, 1, num_queries, -1)
 
-    def append(self, new_valid: torch.Tensor, all_valid: bool) -> None:
-        """Q new tokens (new_valid (B, Q)) join the sequence; `all_valid`: none of them is padding (known on the host)."""
+    def make_static(self, room: int) -> None:
+        """From now on the key-validity rows have a fixed length (the prompt's, then `room` slots for new tokens, not
+        valid until written) and the count of decoded tokens lives on the device: a decoding step has fixed shapes and
+        asks the host nothing, so it compiles once (`torch.compile(fullgraph=True)`, CUDA graphs)."""
+        self.decoded = torch.zeros((), dtype=torch.long, device=self.text_valid.device)
+        self.text_start, self.dense_start = self.text_valid.shape[1], self.dense_valid.shape[1]
+        self.text_valid, self.dense_valid = F.pad(self.text_valid, (0, room)), F.pad(self.dense_valid, (0, room))
+
+    def append(self, new_valid: torch.Tensor, all_valid: bool | None) -> None:
+        """Q new tokens (new_valid (B, Q)) join the sequence; `all_valid`: none of them is padding (known on the host;
+        None with a static cache, which always masks)."""
+        if self.decoded is not None:  # written in place; `advance` moves the count after the step
+            index = self.decoded + torch.arange(new_valid.shape[1], device=new_valid.device)
+            self.text_valid.index_copy_(1, self.text_start + index, new_valid)
+            self.dense_valid.index_copy_(1, self.dense_start + index, new_valid)
+            return
         self.text_valid = torch.cat([self.text_valid, new_valid], dim=1)
         self.dense_valid = torch.cat([self.dense_valid, new_valid], dim=1)
         self.seq_length += new_valid.shape[1]
         if not all_valid:
             self.dense_padded = self.text_padded = True
+
+    def advance(self, num_new: int) -> None:
+        """After a decoding step with a static cache: the step's tokens are in (see `append`)."""
+        if self.decoded is not None:
+            self.decoded += num_new
 
     def index_select(self, index: torch.Tensor) -> None:
         """Keep the samples `index` (beam search reorders them)."""
@@ -716,8 +745,11 @@ class RowGroupCache:
     def __init__(self, rows: torch.Tensor, rows_host: list[int], runs_visual: bool):
         self.rows, self.rows_host, self.runs_visual = rows, rows_host, runs_visual
         self.keys = self.values = None
+        self.static_start, self.decoded = None, None  # set by `VisorCache.make_static`
 
     def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.static_start is not None:
+            return write_in_place(self, key, value, self.static_start, self.decoded)
         if self.keys is not None:
             key, value = torch.cat([self.keys, key], dim=-2), torch.cat([self.values, value], dim=-2)
         self.keys, self.values = key, value
@@ -728,20 +760,60 @@ class RowGroupCache:
         group = RowGroupCache(self.rows.new_tensor([row for row, _ in picked]), [row for row, _ in picked], self.runs_visual)
         local = self.keys.new_tensor([position for _, position in picked], dtype=torch.long)
         group.keys, group.values = self.keys.index_select(0, local), self.values.index_select(0, local)
+        group.static_start, group.decoded = self.static_start, self.decoded
         return group
+
+
+def write_in_place(holder, key, value, start: int, decoded: torch.Tensor):
+    """A static cache's update: `holder.keys`/`.values` (B, kvh, prompt + room, d) get the new keys/values at
+    `start + decoded` onwards, in place (fixed shapes, no host sync). Returns the whole buffers."""
+    index = start + decoded + torch.arange(key.shape[2], device=key.device)
+    holder.keys.index_copy_(2, index, key)
+    holder.values.index_copy_(2, index, value)
+    return holder.keys, holder.values
 
 
 class VisorCache(DynamicCache):
     """A `DynamicCache` whose layers hold different token sets (see the module docstring), plus the prompt
     state that decoding needs. `get_seq_length` counts positions of the dense sequence."""
 
-    def __init__(self):
+    def __init__(self, max_cache_len: int | None = None):
         super().__init__()
         self.prompt: VisorPromptState | None = None
         self.row_groups: dict[int, list[RowGroupCache]] = {}  # layers whose samples ran them differently
+        # static: preallocated after the prefill for max_cache_len positions of the dense sequence (see make_static)
+        self.static_length = max_cache_len
+        self.static_start: dict[int, int] = {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.prompt is None else self.prompt.seq_length
+        if self.prompt is None:
+            return 0
+        decoded = 0 if self.prompt.decoded is None else int(self.prompt.decoded)
+        return self.prompt.seq_length + decoded
+
+    def make_static(self) -> None:
+        """Called once the prefill filled the cache: every layer's keys/values (and every row group's) get room for the
+        new tokens up to `max_cache_len`, written in place from now on, and the prompt state keeps fixed shapes."""
+        room = max(1, self.static_length - self.prompt.seq_length)
+        pad = (0, 0, 0, room)  # (B, kvh, N, d): room after the N cached tokens
+        holders = [(layer_idx, layer) for layer_idx, layer in enumerate(self.layers) if getattr(layer, "keys", None) is not None
+                   and layer.keys.numel()] + [(None, group) for groups in self.row_groups.values() for group in groups]
+        for layer_idx, holder in holders:
+            start = holder.keys.shape[2]
+            holder.keys, holder.values = F.pad(holder.keys, pad), F.pad(holder.values, pad)
+            if layer_idx is None:
+                holder.static_start, holder.decoded = start, None  # decoded is set below, once the state has it
+            else:
+                self.static_start[layer_idx] = start
+        self.prompt.make_static(room)
+        for groups in self.row_groups.values():
+            for group in groups:
+                group.decoded = self.prompt.decoded
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx in self.static_start:
+            return write_in_place(self.layers[layer_idx], key_states, value_states, self.static_start[layer_idx], self.prompt.decoded)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -1103,7 +1175,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         else:
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
-            cache = VisorCache() if use_cache else None
+            cache = (cache if isinstance(cache, VisorCache) else VisorCache()) if use_cache else None
             check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, self.config.image_token_id)
             prompt = self.build_prompt(
                 input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
@@ -1126,6 +1198,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             hidden = prompt.restore(streams.text_index, hidden)
             if cache is not None:
                 cache.prompt = state
+                if cache.static_length is not None:
+                    cache.make_static()
+        else:
+            state.advance(streams.text.shape[1])
         return VisorModelOutput(
             last_hidden_state=hidden, **{CACHE_FIELD: cache}, self_attn_layers=state.configurations,
             router_logits=router_logits,
@@ -1289,22 +1365,25 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         """The Q new tokens as a text stream; the state takes them in. Visual tokens are only read from the cache."""
         batch, num_new = input_ids.shape
         embeds = inputs_embeds if inputs_embeds is not None else self.language_model.embed_tokens(input_ids)
+        static = state.decoded is not None  # a static cache: no host sync, fixed shapes (see make_static)
         if attention_mask is None:
             new_valid = torch.ones_like(input_ids, dtype=torch.bool)
-        elif attention_mask.shape[1] in (state.seq_length + num_new, num_new):
+        elif attention_mask.shape[1] in (state.seq_length + num_new, num_new) or (static and attention_mask.shape[1] > num_new):
             new_valid = attention_mask[:, -num_new:].bool()
         else:
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} columns; expected {state.seq_length + num_new} "
                 f"(prompt and generated tokens) or {num_new} (the new tokens)"
             )
-        # both read in one host sync
-        has_image_token, all_valid = torch.stack([(input_ids == self.config.image_token_id).any(), new_valid.all()]).tolist()
-        if has_image_token:
-            raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
+        all_valid = None
+        if not static:  # both read in one host sync
+            has_image_token, all_valid = torch.stack([(input_ids == self.config.image_token_id).any(), new_valid.all()]).tolist()
+            if has_image_token:
+                raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
         if position_ids is None:
-            position_ids = (torch.arange(num_new, device=input_ids.device) + state.seq_length).expand(batch, -1)
-        state.append(new_valid, bool(all_valid))
+            start = state.seq_length + (state.decoded if static else 0)
+            position_ids = (torch.arange(num_new, device=input_ids.device) + start).expand(batch, -1)
+        state.append(new_valid, all_valid)
         rope = self.language_model.rotary_emb(embeds, position_ids)
         return VisorStreams(text=embeds, text_rope=rope, cross_mask=state.cross_mask(num_new))
 
@@ -1402,6 +1481,17 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             for name in ("pixel_values", "image_sizes", "batch_num_images"):
                 model_inputs.pop(name, None)
         return model_inputs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        """`generate(cache_implementation="static")` gets a static `VisorCache` (preallocated for `max_cache_length`
+        positions once the prompt is in, fixed shapes while decoding; see `VisorCache.make_static`); any other
+        choice is transformers' own, and VISOR's forward replaces a cache it cannot use by a dynamic `VisorCache`."""
+        if generation_config.cache_implementation == "static" and model_kwargs.get(CACHE_FIELD) is None:
+            model_kwargs[CACHE_FIELD] = VisorCache(max_cache_len=max_cache_length)
+            return
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and num_return_sequences repeat each sample `expand_size` times; a per-sample list of
