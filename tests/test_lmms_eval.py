@@ -217,6 +217,7 @@ def test_model_args_are_checked(tmp_path):
         parse_token_reduction("visionzip:2")
     with pytest.raises(ValueError, match="unknown model_args \\['budgett'\\]"):
         Visor(pretrained=DEFAULT_MODEL, budgett=0)
+    assert Visor(pretrained=DEFAULT_MODEL).budget == "full"  # the toy checkpoint's default_budget
     lm = Visor(pretrained=DEFAULT_MODEL, budget=0)
     with pytest.raises(NotImplementedError, match="generate_until tasks only"):
         lm.loglikelihood([])

@@ -140,7 +140,6 @@ class Visor(lmms):
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: allowed {sorted(DTYPES)}")
         self.batch_size = int(batch_size)
-        self.budget = parse_budget(budget)
         self.token_reduction = parse_token_reduction(token_reduction)
         self.max_new_tokens = int(max_new_tokens)
         self.cost_log = cost_log
@@ -148,6 +147,8 @@ class Visor(lmms):
         load_kwargs = {} if dtype is None else {"dtype": DTYPES[dtype]}
         self.model = VisorForConditionalGeneration.from_pretrained(pretrained, **load_kwargs).to(self._device).eval()
         self.processor = VisorProcessor.from_pretrained(pretrained)
+        # not given: the config's default, resolved here so that "auto" is routed (and its router counted) by name
+        self.budget = parse_budget(self.model.config.default_budget if budget is None else budget)
         self.sample_costs: list[dict] = []
 
     @classmethod
