@@ -600,6 +600,7 @@ class VisorPromptState:
     text_padded: bool  # the same for the text stream
     visual_padded: bool  # the same for the visual tokens that cross-attention reads
     seq_length: int  # dense length seen so far (prompt + decoded)
+    prompt_length: int  # dense length of the prompt
     configurations: list[tuple[int, ...]] = field(default_factory=list)  # per sample: the self-attention layers it runs
     routing_pending: list[bool] = field(default_factory=list)  # per sample: the router has yet to choose (budget "auto")
     cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V), filled at prefill
@@ -676,6 +677,11 @@ class VisorPromptState:
         self.seq_length += new_valid.shape[1]
         if not all_valid:
             self.dense_padded = self.text_padded = True
+
+    def drop_newest(self, count: int) -> None:
+        """The newest `count` decoded tokens leave the sequence (`VisorCache.crop`)."""
+        self.text_valid, self.dense_valid = self.text_valid[:, :-count], self.dense_valid[:, :-count]
+        self.seq_length -= count
 
     def advance(self, num_new: int) -> None:
         """After a decoding step with a static cache: the step's tokens are in (see `append`)."""
@@ -791,6 +797,26 @@ class VisorCache(DynamicCache):
         decoded = 0 if self.prompt.decoded is None else int(self.prompt.decoded)
         return self.prompt.seq_length + decoded
 
+    def crop(self, max_length: int) -> None:
+        """Drop the newest tokens, as assisted decoding and prompt lookup do after rejected candidates: `max_length` > 0
+        keeps that many positions of the dense sequence (4.57's meaning), <= 0 drops -max_length tokens (5.x's). Only
+        decoded tokens can be dropped; every layer (and row group) drops them from its end, whatever token set it holds."""
+        if self.prompt is None:
+            return
+        length = self.get_seq_length()
+        drop = -max_length if max_length <= 0 else length - max_length
+        if drop <= 0:
+            return
+        if self.prompt.decoded is not None:
+            raise NotImplementedError("a static VisorCache cannot be cropped; use the default dynamic cache")
+        if drop > length - self.prompt.prompt_length:
+            raise ValueError(f"cannot crop {drop} tokens: only {length - self.prompt.prompt_length} were decoded")
+        holders = [layer for layer in self.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+        holders += [group for groups in self.row_groups.values() for group in groups]
+        for holder in holders:
+            holder.keys, holder.values = holder.keys[..., :-drop, :], holder.values[..., :-drop, :]
+        self.prompt.drop_newest(drop)
+
     def make_static(self) -> None:
         """Called once the prefill filled the cache: every layer's keys/values (and every row group's) get room for the
         new tokens up to `max_cache_len`, written in place from now on, and the prompt state keeps fixed shapes."""
@@ -857,6 +883,10 @@ class VisorModelOutput(ModelOutput):
     self_attn_layers: list | None = None
     router_logits: torch.FloatTensor | None = None  # (B, Nt, num_configurations) over the text buffer
     routing_mask: torch.BoolTensor | None = None  # (B, Nt): which text-buffer slots hold a routing token
+    # output_hidden_states: the text stream entering each language-model layer, then the final norm's output (L + 1
+    # entries, as transformers' Qwen2 gives them); (B, S, H) at prefill with image placeholders unspecified (zeros),
+    # (B, n, H) when decoding. Visual tokens have no entry: most layers never see them.
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -872,6 +902,8 @@ class VisorCausalLMOutput(ModelOutput):
     self_attn_layers: list | None = None
     router_logits: torch.FloatTensor | None = None
     routing_mask: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None  # see VisorModelOutput
+    attentions: None = None  # VISOR's attention kernels return no weights (output_attentions raises)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1162,8 +1194,16 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         cache: VisorCache | None = None,
         route_only: bool = False,
         token_reduction=None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> VisorModelOutput:
+        if output_attentions:
+            raise ValueError(
+                "output_attentions is not supported: VISOR's attention runs on SDPA/eager kernels that return no "
+                "attention weights, and most layers never attend to the visual tokens (use output_hidden_states)"
+            )
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.get_text_config().use_cache and not self.training)
         if input_ids is None:
@@ -1183,19 +1223,26 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             )
             streams, state = self.split_prompt(prompt, self.resolve_budget(budget, input_ids.shape[0]))
         router_logits = routing_mask = None
+        hidden_states = [] if output_hidden_states else None
         for layer_idx in range(self.config.num_layers):
             if layer_idx == self.config.router_layer and any(state.routing_pending):
                 router_logits, routing_mask = self.route_samples(streams, state, prompt.input_ids)
             if route_only and layer_idx >= self.config.router_layer:
                 break
+            if output_hidden_states:
+                hidden_states.append(streams.text)
             self.layer_step(layer_idx, streams, state, cache)
         if route_only:
             return VisorModelOutput(
                 self_attn_layers=state.configurations, router_logits=router_logits, routing_mask=routing_mask
             )
         hidden = self.language_model.norm(streams.text)
+        if output_hidden_states:
+            hidden_states.append(hidden)
         if streams.text_index is not None:  # prefill: back to the caller's (B, S, H) layout
             hidden = prompt.restore(streams.text_index, hidden)
+            if output_hidden_states:
+                hidden_states = [prompt.restore(streams.text_index, h) for h in hidden_states]
             if cache is not None:
                 cache.prompt = state
                 if cache.static_length is not None:
@@ -1204,7 +1251,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             state.advance(streams.text.shape[1])
         return VisorModelOutput(
             last_hidden_state=hidden, **{CACHE_FIELD: cache}, self_attn_layers=state.configurations,
-            router_logits=router_logits,
+            router_logits=router_logits, hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
 
     def layer_step(self, layer_idx: int, streams: VisorStreams, state: VisorPromptState, cache) -> None:
@@ -1317,7 +1364,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             is_visual=is_visual, dense_valid=valid, text_valid=is_text.gather(1, text_index),
             visual_valid=visual_valid, has_visual=(counts[1] > 0).tolist(), num_layers=self.config.num_layers,
             dense_padded=not bool(counts[2].all()), text_padded=bool((counts[0] < num_text).any()),
-            visual_padded=bool((counts[1] < num_visual).any()), seq_length=prompt.length,
+            visual_padded=bool((counts[1] < num_visual).any()), seq_length=prompt.length, prompt_length=prompt.length,
         )
         self.start_configurations(state, configurations)
         cos, sin = self.language_model.rotary_emb(prompt.embeds, prompt.position_ids)  # (B, S, d)
@@ -1432,6 +1479,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         cache: VisorCache | None = None,
         route_only: bool = False,
         token_reduction=None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> VisorCausalLMOutput:
         r"""budget: see the class docstring. route_only: stop after the router and return only
@@ -1441,7 +1490,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
             use_cache=use_cache, budget=budget, batch_num_images=batch_num_images, cache=cache, route_only=route_only,
-            token_reduction=token_reduction,
+            token_reduction=token_reduction, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         if route_only:
             return VisorCausalLMOutput(
@@ -1460,6 +1509,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         return VisorCausalLMOutput(
             loss=loss, logits=logits, **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
             self_attn_layers=outputs.self_attn_layers, router_logits=outputs.router_logits,
+            hidden_states=outputs.hidden_states,
         )
 
     @torch.no_grad()
