@@ -193,7 +193,7 @@ class VisorConfig(PretrainedConfig):
     """
 
     model_type = "visor"
-    attribute_map = {"image_token_id": "image_token_index"}
+    attribute_map = {"image_token_id": "image_token_index", "video_token_id": "video_token_index"}
     # transformers 4.57 reads `sub_configs`, 5.x `sub_configs_defaults` (and derives `sub_configs` from it)
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
     if SubConfigSpec is not None:
@@ -207,6 +207,7 @@ class VisorConfig(PretrainedConfig):
         vision_config=None,
         text_config=None,
         image_token_index: int = 151646,
+        video_token_index: int = 151647,
         projector_hidden_act: str = "gelu",
         vision_feature_select_strategy: str = "full",
         vision_feature_layer: int | list[int] = -1,
@@ -239,6 +240,7 @@ class VisorConfig(PretrainedConfig):
         self.text_config = text_config
 
         self.image_token_index = image_token_index
+        self.video_token_index = video_token_index
         self.projector_hidden_act = projector_hidden_act
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vision_feature_layer = vision_feature_layer
@@ -339,6 +341,7 @@ class VisorConfig(PretrainedConfig):
             vision_config=llava_config.vision_config.to_dict(),
             text_config=llava_config.text_config.to_dict(),
             image_token_index=llava_config.image_token_id,
+            video_token_index=llava_config.video_token_id,
             projector_hidden_act=llava_config.projector_hidden_act,
             vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
             vision_feature_layer=llava_config.vision_feature_layer,

@@ -32,6 +32,10 @@ Design choices:
 - One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and values,
   self-attention layers cache visual + text, and the cross-attention keys/values of the visual tokens are computed
   once at prefill and kept in its `prompt` state. Decoding never touches visual tokens outside S and C.
+- Videos (`pixel_values_videos`) are LLaVA-OneVision's: each frame through the tower, pooled 2 x 2, one newline
+  token after the last frame. A video is one item of the visual stream, like an image: its frames' tokens, in order,
+  are one sequence for the CPE (which convolves across frame boundaries, as over an image's rows), and text placed
+  after it reads all of it through cross-attention.
 - New parts start as identity (zero gates, zero CPE convolution), so a freshly grafted model at the full budget with
   all layers in S is LLaVA-OneVision exactly. `new_parameters()` names them; `init_new_parameters()` is their one
   initialisation.
@@ -501,6 +505,8 @@ def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, 
         )
     num_placeholders = int((input_ids == image_token_id).sum())
     if pixel_values is None:
+        if num_placeholders:
+            raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
         return
     num_images = pixel_values.shape[0]
     if image_sizes is None or tuple(torch.as_tensor(image_sizes).shape) != (num_images, 2):
@@ -514,6 +520,25 @@ def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, 
         raise ValueError(
             f"pixel_values hold {num_images} images but input_ids has no image placeholder (token id {image_token_id}); "
             "was the prompt truncated, or the image token left out of the text?"
+        )
+
+
+def check_video_inputs(input_ids, pixel_values_videos, video_token_id: int) -> None:
+    """Videos as LLaVA-OneVision takes them: pixel_values_videos (videos, frames, channels, height, width), and video
+    placeholders in input_ids exactly when videos are given."""
+    has_placeholders = bool((input_ids == video_token_id).any())
+    if pixel_values_videos is None:
+        if has_placeholders:
+            raise ValueError(f"input_ids hold video placeholder tokens (id {video_token_id}) but pixel_values_videos is None")
+        return
+    if pixel_values_videos.dim() != 5:
+        raise ValueError(
+            f"pixel_values_videos must be (videos, frames, channels, height, width); got shape {tuple(pixel_values_videos.shape)}"
+        )
+    if not has_placeholders:
+        raise ValueError(
+            f"pixel_values_videos hold {pixel_values_videos.shape[0]} videos but input_ids has no video placeholder "
+            f"(token id {video_token_id}); was the prompt truncated, or the video token left out of the text?"
         )
 
 
@@ -718,6 +743,23 @@ class VisorPrompt:
     def __post_init__(self):
         if self.image_ids is None:
             self.image_ids = torch.full_like(self.input_ids, -1)
+
+    def place_media(self, placeholders: torch.Tensor, lengths: list[int], first_id: int = 0, kind: str = "image"):
+        """Number one modality's items (`kind`: images or videos, `lengths` placeholders each, in prompt order) from
+        `first_id` in `image_ids`, checking their placeholders (B, S) against the features' count."""
+        num_placeholders = int(placeholders.sum())
+        if sum(lengths) != num_placeholders:
+            raise ValueError(
+                f"{kind.capitalize()} features and {kind} tokens do not match: {num_placeholders} {kind} placeholder "
+                f"tokens in input_ids, {sum(lengths)} visual tokens from the pixels ({len(lengths)} {kind}s)"
+            )
+        item_of_token = torch.repeat_interleave(torch.arange(len(lengths)) + first_id, torch.tensor(lengths))
+        self.image_ids = self.image_ids.masked_scatter(placeholders, item_of_token.to(self.image_ids))
+
+    def scatter_features(self, placeholders: torch.Tensor, features: list[torch.Tensor]) -> None:
+        """The features (one (N_i, H) tensor per item, in prompt order) at their placeholders (B, S)."""
+        features = torch.cat(features).to(self.embeds.device, self.embeds.dtype)
+        self.embeds = self.embeds.masked_scatter(placeholders.unsqueeze(-1), features)
 
     def compact(self, restore_index: torch.Tensor, slot_valid: torch.Tensor) -> None:
         """Keep the slots `restore_index` (B, S') of the prompt; `slot_valid` (B, S') says which hold a token."""
@@ -1109,6 +1151,18 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         )
         return list(getattr(out, "pooler_output", out))  # 5.x returns an output object, 4.57 a list
 
+    def video_features(self, pixel_values_videos) -> list[torch.Tensor]:
+        """LLaVA-OneVision's video features, one (frames * pooled + 1, H) tensor per video: every frame through the
+        tower and projector, pooled 2 x 2 (196 tokens a frame at 384 px), one image_newline token after the last."""
+        out = LlavaOnevisionModel.get_video_features(
+            self, pixel_values_videos, vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+        )
+        if hasattr(out, "pooler_output"):  # 5.x: an output object, the newline already appended
+            return list(out.pooler_output)
+        newline = self.image_newline[None, None, :].expand(out.shape[0], 1, -1).to(out)  # 4.57 appends it in forward
+        return list(torch.cat([out, newline], dim=1))
+
     def resolve_token_reduction(self, token_reduction) -> dict | None:
         """The setting of this call: the config's default when None; a packing setting must match the packer."""
         setting = self.config.token_reduction if token_reduction is None else validate_token_reduction(token_reduction)
@@ -1196,6 +1250,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         token_reduction=None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> VisorModelOutput:
         if output_attentions:
@@ -1217,9 +1272,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
             cache = (cache if isinstance(cache, VisorCache) else VisorCache()) if use_cache else None
             check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, self.config.image_token_id)
+            check_video_inputs(input_ids, pixel_values_videos, self.config.video_token_id)
             prompt = self.build_prompt(
                 input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
-                token_reduction,
+                token_reduction, pixel_values_videos,
             )
             streams, state = self.split_prompt(prompt, self.resolve_budget(budget, input_ids.shape[0]))
         router_logits = routing_mask = None
@@ -1314,39 +1370,35 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
     def build_prompt(
         self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
-        token_reduction,
+        token_reduction, pixel_values_videos=None,
     ) -> "VisorPrompt":
-        """The dense sequence as LLaVA-OneVision builds it: text embeddings with the visual features at the image
-        placeholders, RoPE positions of the dense sequence; with token reduction, only the surviving tokens."""
+        """The dense sequence as LLaVA-OneVision builds it: text embeddings with the visual features at the image and
+        video placeholders, RoPE positions of the dense sequence; with token reduction, only the surviving tokens.
+        Each image or video is one item of `image_ids`: its tokens are one sequence for the CPE and cross-attention."""
         batch, length = input_ids.shape
         reduction = self.resolve_token_reduction(token_reduction)
         embeds = inputs_embeds if inputs_embeds is not None else self.language_model.embed_tokens(input_ids)
         if position_ids is None:  # as LLaVA-OneVision: positions follow the dense sequence
             position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, -1)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        prompt = VisorPrompt(input_ids, embeds, input_ids == self.config.image_token_id, valid, position_ids, length)
-        num_placeholders = int(prompt.is_visual.sum())
-        if num_placeholders == 0:
-            return prompt
-        if pixel_values is None:
-            raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
-        if reduction is None:
-            features = self.visual_features(pixel_values, image_sizes, batch_num_images)
-            lengths = [f.shape[0] for f in features]
-        else:
+        is_image, is_video = input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
+        prompt = VisorPrompt(input_ids, embeds, is_image | is_video, valid, position_ids, length)
+        num_images, num_videos = torch.stack([is_image.sum(), is_video.sum()]).tolist()  # one host sync for both
+        if num_videos and reduction is not None:
+            raise ValueError("token_reduction applies to images only; give videos without it (token_reduction='none')")
+        if num_images and reduction is not None:  # placeholders of reduced-away tokens go; survivors keep positions
             features, kept = self.reduce_visual_tokens(pixel_values, image_sizes, batch_num_images, reduction)
-            lengths = [k.shape[0] for k in kept]  # each image's tokens before reduction
-        if sum(lengths) != num_placeholders:
-            raise ValueError(
-                f"Image features and image tokens do not match: {num_placeholders} image placeholder tokens in "
-                f"input_ids, {sum(lengths)} visual tokens from pixel_values ({len(features)} images)"
-            )
-        image_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        prompt.image_ids = prompt.image_ids.masked_scatter(prompt.is_visual, image_of_token.to(input_ids.device))
-        if reduction is not None:  # drop the placeholders of reduced-away tokens; the survivors keep their positions
+            prompt.place_media(is_image, [k.shape[0] for k in kept])
             prompt.compact(*compact_kept_tokens(prompt.is_visual, kept))
-        features = torch.cat(features).to(prompt.embeds.device, prompt.embeds.dtype)
-        prompt.embeds = prompt.embeds.masked_scatter(prompt.is_visual.unsqueeze(-1), features)
+            prompt.scatter_features(prompt.is_visual, features)
+        elif num_images:
+            features = self.visual_features(pixel_values, image_sizes, batch_num_images)
+            prompt.place_media(is_image, [f.shape[0] for f in features])
+            prompt.scatter_features(is_image, features)
+        if num_videos:
+            features = self.video_features(pixel_values_videos)
+            prompt.place_media(is_video, [f.shape[0] for f in features], first_id=num_images, kind="video")
+            prompt.scatter_features(is_video, features)
         return prompt
 
     def split_prompt(self, prompt: "VisorPrompt", configurations: list) -> tuple[VisorStreams, VisorPromptState]:
@@ -1481,6 +1533,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         token_reduction=None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> VisorCausalLMOutput:
         r"""budget: see the class docstring. route_only: stop after the router and return only
@@ -1491,6 +1544,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
             use_cache=use_cache, budget=budget, batch_num_images=batch_num_images, cache=cache, route_only=route_only,
             token_reduction=token_reduction, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            pixel_values_videos=pixel_values_videos,
         )
         if route_only:
             return VisorCausalLMOutput(
@@ -1528,7 +1582,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         cache_kwargs = {CACHE_FIELD: cache if cache is not None else past_key_values}
         model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_kwargs, **kwargs)
         if prompt_done:
-            for name in ("pixel_values", "image_sizes", "batch_num_images"):
+            for name in ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos"):
                 model_inputs.pop(name, None)
         return model_inputs
 

@@ -16,6 +16,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 from .configuration_visor import num_visual_tokens
 
 IMAGE_TOKEN_ID = 250
+VIDEO_TOKEN_ID = 252  # above the ids tiny_inputs draws text from, like IMAGE_TOKEN_ID
 PAD_TOKEN_ID = 0
 
 
@@ -33,6 +34,7 @@ def tiny_llava_onevision_config(num_layers: int = 6, attn_implementation: str = 
     )
     config = LlavaOnevisionConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
         image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]], vision_feature_layer=-1,
         vision_feature_select_strategy="full", tie_word_embeddings=True,
     )

@@ -1,0 +1,101 @@
+"""VISOR on videos, as LLaVA-OneVision takes them (`pixel_values_videos`: every frame through the tower, pooled 2 x 2,
+one newline token after the last frame). A video is one item of the visual stream: its tokens are one sequence for the
+CPE, and text after it reads it through cross-attention."""
+
+import pytest
+import torch
+
+from visor_hf import VisorForConditionalGeneration
+from visor_hf.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VIDEO_TOKEN_ID, tiny_inputs
+
+from .conftest import perturb_new_parameters
+from .test_generation import greedy
+
+
+def video_tokens(llava, frames: int) -> int:
+    """Placeholders of one video, from transformers' own LLaVA-OneVision (its features plus the newline)."""
+    with torch.no_grad():
+        out = llava.model.get_video_features(
+            torch.zeros(1, frames, 3, 56, 56), vision_feature_layer=-1, vision_feature_select_strategy="full"
+        )
+    features = getattr(out, "pooler_output", out)
+    return features.shape[1] + (0 if hasattr(out, "pooler_output") else 1)  # 4.57 appends the newline in forward
+
+
+def video_inputs(llava, samples, seed=0):
+    """A left-padded batch; each sample is (text before, frames, text after)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for before, frames, after in samples:
+        text = lambda n: torch.randint(3, IMAGE_TOKEN_ID, (n,), generator=generator)
+        rows.append(torch.cat([text(before), torch.full((video_tokens(llava, frames),), VIDEO_TOKEN_ID), text(after)]))
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):], attention_mask[i, length - len(row):] = row, 1
+    frames = max(f for _, f, _ in samples)
+    assert all(f == frames for _, f, _ in samples), "one frame count a batch, as LLaVA-OV's processor pads"
+    pixels = torch.randn(len(samples), frames, 3, 56, 56, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values_videos": pixels}
+
+
+@pytest.mark.parametrize("frames", [1, 8])
+def test_full_budget_on_video_is_llava_onevision(llava, frames):
+    inputs = video_inputs(llava, [(3, frames, 4), (2, frames, 7)])
+    visor = VisorForConditionalGeneration.from_llava_onevision(llava, cross_attn_layers=[1, 3], self_attn_layers=list(range(6))).eval()
+    with torch.no_grad():
+        expected = llava(**inputs).logits
+        got = visor(**inputs, budget="full").logits
+    text = (inputs["input_ids"] != VIDEO_TOKEN_ID) & inputs["attention_mask"].bool()
+    assert (got - expected).abs()[text].max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def video_visor(llava):
+    model = VisorForConditionalGeneration.from_llava_onevision(llava, cross_attn_layers=[1, 3, 5], self_attn_layers=[1, 4])
+    return perturb_new_parameters(model).eval()
+
+
+@pytest.mark.parametrize("budget", [0, "full", [0, "full"]])
+def test_video_cached_equals_uncached_and_batch_equals_single(llava, video_visor, budget):
+    inputs = video_inputs(llava, [(3, 4, 4), (2, 4, 7)])
+    cached = greedy(video_visor, inputs, budget, use_cache=True)
+    assert torch.equal(cached.sequences, greedy(video_visor, inputs, budget, use_cache=False).sequences)
+    budgets = budget if isinstance(budget, list) else [budget] * 2
+    for i in range(2):
+        keep = inputs["attention_mask"][i].bool()
+        alone = {"input_ids": inputs["input_ids"][i:i + 1, keep], "attention_mask": inputs["attention_mask"][i:i + 1, keep],
+                 "pixel_values_videos": inputs["pixel_values_videos"][i:i + 1]}
+        expected = greedy(video_visor, alone, budgets[i], use_cache=True).sequences[0, keep.sum():]
+        assert torch.equal(cached.sequences[i, inputs["input_ids"].shape[1]:], expected)
+
+
+def test_images_and_videos_in_one_batch_match_llava_onevision(llava):
+    """One sample with an image, then a video; LLaVA-OV fills image and video placeholders each from its own pixels."""
+    images = tiny_inputs(llava, [(56, 112)], [(3, 2)])
+    video = video_inputs(llava, [(0, 2, 3)])
+    inputs = {
+        "input_ids": torch.cat([images["input_ids"], video["input_ids"]], dim=1),
+        "attention_mask": torch.cat([images["attention_mask"], video["attention_mask"]], dim=1),
+        "pixel_values": images["pixel_values"], "image_sizes": images["image_sizes"],
+        "pixel_values_videos": video["pixel_values_videos"],
+    }
+    visor = VisorForConditionalGeneration.from_llava_onevision(llava, cross_attn_layers=[], self_attn_layers=list(range(6))).eval()
+    with torch.no_grad():
+        expected = llava(**inputs).logits
+        got = visor(**inputs, budget="full").logits
+    text = (inputs["input_ids"] != VIDEO_TOKEN_ID) & (inputs["input_ids"] != IMAGE_TOKEN_ID)
+    assert (got - expected).abs()[text].max() <= 1e-4
+
+
+def test_video_inputs_get_clear_errors(llava, video_visor):
+    inputs = video_inputs(llava, [(3, 2, 4)])
+    with pytest.raises(ValueError, match="pixel_values_videos is None"):
+        video_visor(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match=r"\(videos, frames, channels, height, width\)"):
+        video_visor(**dict(inputs, pixel_values_videos=inputs["pixel_values_videos"][0]))
+    with pytest.raises(ValueError, match="no video placeholder"):
+        video_visor(**dict(inputs, input_ids=inputs["input_ids"].clamp(max=IMAGE_TOKEN_ID - 1)))
+    with pytest.raises(ValueError, match="token_reduction applies to images only"):
+        video_visor(**inputs, token_reduction={"method": "visionzip", "keep_ratio": 0.5, "score_layer": -1})
