@@ -39,7 +39,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 from visor_hf import VisorForConditionalGeneration
 from visor_hf.configuration_visor import num_visual_tokens, spread_subset
 from visor_hf.modeling_visor import CACHE_FIELD
-from visor_hf.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID, tiny_llava_onevision
+from visor_hf.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VIDEO_TOKEN_ID, tiny_llava_onevision
 
 DEFAULT_CASES = 96
 NUM_CASES = int(os.environ.get("VISOR_FUZZ_CASES", DEFAULT_CASES))
@@ -261,7 +261,7 @@ def greedy(model, inputs, budget, use_cache: bool):
     return model.generate(
         **inputs, budget=budget, use_cache=use_cache, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
         do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=PAD_TOKEN_ID,
-        suppress_tokens=[IMAGE_TOKEN_ID, ROUTING_TOKEN_ID],
+        suppress_tokens=[IMAGE_TOKEN_ID, ROUTING_TOKEN_ID, VIDEO_TOKEN_ID],
     )
 
 

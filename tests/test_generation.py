@@ -5,7 +5,7 @@ import torch
 
 from visor_hf import VisorForConditionalGeneration
 from visor_hf.modeling_visor import CACHE_FIELD as CACHE_KW
-from visor_hf.testing import IMAGE_TOKEN_ID, tiny_inputs, tiny_llava_onevision
+from visor_hf.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_inputs, tiny_llava_onevision
 
 from .conftest import IMAGE_SIZES, PROMPT_LENGTHS, perturb_new_parameters
 
@@ -13,9 +13,11 @@ BUDGETS = [0, 1, "full"]
 
 
 def greedy(model, inputs, budget, use_cache, new_tokens=6, **kwargs):
+    """Greedy decoding; a generated image or video placeholder would make the uncached forward ask for pixels."""
     return model.generate(
         **inputs, budget=budget, use_cache=use_cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kwargs,
+        do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+        suppress_tokens=[IMAGE_TOKEN_ID, VIDEO_TOKEN_ID], **kwargs,
     )
 
 
