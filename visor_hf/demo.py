@@ -116,7 +116,7 @@ def main(argv=None) -> None:
         print(f"A: {result['answer']}" + (f"   (reference: {reference})" if reference is not None else ""))
         print(f"   configuration: self-attention layers {list(layers)} ({len(layers)} of {len(config.self_attn_layers)}), {how}")
         print(f"   LLM prefill FLOPs: {result['visor_flops'] / 1e6:.2f} M vs {result['dense_flops'] / 1e6:.2f} M dense "
-              f"({result['visor_flops'] / result['dense_flops']:.2f}x)")
+              f"({result['dense_flops'] / result['visor_flops']:.2f}x fewer than dense)")
 
 
 if __name__ == "__main__":

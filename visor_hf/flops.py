@@ -467,7 +467,8 @@ class CostReport:
 
     def __str__(self) -> str:
         lines = [
-            "sample | self-attention layers | N_v | N_t | crops | VISOR LLM GFLOPs | dense LLM GFLOPs | LLM ratio | total ratio",
+            "sample | self-attention layers | N_v | N_t | crops | VISOR LLM GFLOPs | dense LLM GFLOPs | LLM ratio (x fewer than "
+            "dense) | total ratio (x fewer than dense)",
             "--- | --- | --- | --- | --- | --- | --- | --- | ---",
         ]
         for i, s in enumerate(self.samples):
@@ -482,6 +483,9 @@ def describe_cost(
     model_or_config, inputs: dict, budget=None, self_attn_layers=None, lm_head: str = "last", token_reduction=None
 ) -> CostReport:
     """Per-sample configuration and FLOPs relative to dense LLaVA-OneVision for a VISOR call.
+
+    Ratios are "N x fewer than dense": dense FLOPs / VISOR FLOPs (`SampleCost.llm_ratio`, `total_ratio`), the one
+    direction of every FLOPs ratio in the package (`count_flops`' "flops_ratio", the benchmark tables, the demo).
 
     `inputs` are the model's inputs (input_ids, attention_mask, image_sizes, batch_num_images as LLaVA-OV takes
     them). Pass the `self_attn_layers` of the output (`model(**inputs, budget=...)` returns one tuple per sample)

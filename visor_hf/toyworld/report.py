@@ -40,6 +40,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _fewer(relative_flops: float) -> str:
+    """A FLOPs fraction of dense (what evaluate.py records) in the package's one ratio direction: "N x fewer than dense"."""
+    return f"{1 / max(1e-9, relative_flops):.2f}x"
+
+
 def _layers(name: str) -> str:
     """A configuration's name, str(tuple), as a table entry: "none" or "1,3"."""
     layers = ast.literal_eval(name)
@@ -70,7 +75,7 @@ def claims(results: dict) -> list[dict]:
          "holds": a_gap >= -COARSE_THRESHOLD,
          "evidence": f"coarse accuracy {_pct(zero['coarse']['accuracy'])} % at budget 0 vs {_pct(dense['coarse']['accuracy'])} % "
                      f"dense ({100 * a_gap:+.1f} points; criterion: >= -{100 * COARSE_THRESHOLD:.0f}), at "
-                     f"{zero['coarse']['relative_flops']:.2f}x dense's LLM FLOPs"},
+                     f"{_fewer(zero['coarse']['relative_flops'])} fewer LLM FLOPs than dense"},
         {"claim": "(b) self-attention layers recover fine-grained accuracy",
          "holds": b_gain >= FINE_GAIN,
          "evidence": f"fine accuracy {_pct(zero['fine']['accuracy'])} % at budget 0 -> "
@@ -81,8 +86,8 @@ def claims(results: dict) -> list[dict]:
         {"claim": "(c) budget=\"auto\": >= 99 % of full accuracy at clearly fewer FLOPs, more layers for fine questions",
          "holds": ratio >= AUTO_ACCURACY and flops <= AUTO_FLOPS and layers_fine > layers_coarse,
          "evidence": f"accuracy {_pct(auto['all']['accuracy'])} % vs {_pct(full['all']['accuracy'])} % full "
-                     f"({100 * ratio:.1f} %); LLM FLOPs {auto['all']['relative_flops']:.2f}x vs {full['all']['relative_flops']:.2f}x "
-                     f"dense ({100 * flops:.0f} % of full's); self-attention layers per question {layers_fine:.2f} fine vs "
+                     f"({100 * ratio:.1f} %); LLM FLOPs {_fewer(auto['all']['relative_flops'])} vs {_fewer(full['all']['relative_flops'])} "
+                     f"fewer than dense ({100 * flops:.0f} % of full's); self-attention layers per question {layers_fine:.2f} fine vs "
                      f"{layers_coarse:.2f} coarse" + (f" (per family: {per_family_layers})" if per_family_layers else "")},
     ]
 
@@ -90,23 +95,23 @@ def claims(results: dict) -> list[dict]:
 def main_table(results: dict) -> str:
     model = results["model"]
     lines = [
-        "| model | self-attention layers on visual tokens | coarse acc. % | fine acc. % | all % | LLM prefill FLOPs vs dense |",
+        "| model | self-attention layers on visual tokens | coarse acc. % | fine acc. % | all % | LLM prefill FLOPs: x fewer than dense |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     dense = results["dense"]
     lines.append(f"| dense LLaVA-OV (baseline) | all {model['num_layers']} | {_pct(dense['coarse']['accuracy'])} | "
-                 f"{_pct(dense['fine']['accuracy'])} | {_pct(dense['all']['accuracy'])} | 1.00 |")
+                 f"{_pct(dense['fine']['accuracy'])} | {_pct(dense['all']['accuracy'])} | 1.00x |")
     names = fixed_budgets(results)
     for i, name in enumerate(names):
         s = results["budgets"][name]
         k = len(ast.literal_eval(name))
         label = f"VISOR, budget={k}" + (' ("full")' if i == len(names) - 1 else "")
         lines.append(f"| {label} | {_layers(name)} | {_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | "
-                     f"{_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
+                     f"{_pct(s['all']['accuracy'])} | {_fewer(s['all']['relative_flops'])} |")
     s = results["budgets"]["auto"]
     lines.append(f"| **VISOR, budget=\"auto\"** | router: {s['all']['mean_self_attn_layers']:.2f} on average | "
                  f"{_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | {_pct(s['all']['accuracy'])} | "
-                 f"{s['all']['relative_flops']:.2f} |")
+                 f"{_fewer(s['all']['relative_flops'])} |")
     return "\n".join(lines)
 
 
@@ -122,7 +127,7 @@ def router_table(results: dict) -> str:
     configurations = fixed_budgets(results)
     lines = [
         "| questions | " + " | ".join(f"picks {_layers(c)}" for c in configurations)
-        + " | mean layers | auto acc. % | full acc. % | auto FLOPs vs dense |",
+        + " | mean layers | auto acc. % | full acc. % | auto FLOPs: x fewer than dense |",
         "| --- | " + " | ".join("---:" for _ in configurations) + " | ---: | ---: | ---: | ---: |",
     ]
     full = results["budgets"][configurations[-1]]
@@ -133,7 +138,7 @@ def router_table(results: dict) -> str:
         shares = " | ".join(f"{_pct(s['configurations'].get(c, 0.0))} %" for c in configurations)
         label = f"**{group}**" if group in ("coarse", "fine") else group
         lines.append(f"| {label} | {shares} | {s['mean_self_attn_layers']:.2f} | {_pct(s['accuracy'])} | "
-                     f"{_pct(full[group]['accuracy'])} | {s['relative_flops']:.2f} |")
+                     f"{_pct(full[group]['accuracy'])} | {_fewer(s['relative_flops'])} |")
     return "\n".join(lines)
 
 
@@ -153,18 +158,18 @@ def reduction_table(results: dict) -> str:
     names = fixed_budgets(results)
     plain = {"dense": results["dense"], "VISOR full": results["budgets"][names[-1]], "VISOR auto": results["budgets"]["auto"]}
     lines = ["| model | keep ratio (visual tokens kept) | coarse acc. % (change) | fine acc. % (change) | all % "
-             "| LLM prefill FLOPs vs dense |",
+             "| LLM prefill FLOPs: x fewer than dense |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in plain.items():
         lines.append(f"| {name} | 1 (100 %) | {_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | "
-                     f"{_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
+                     f"{_pct(s['all']['accuracy'])} | {_fewer(s['all']['relative_flops'])} |")
     for entry in results["reduction"]:
         s, base = entry["summary"], plain[entry["base"]]
         change = lambda kind: f"{_pct(s[kind]['accuracy'])} ({100 * (s[kind]['accuracy'] - base[kind]['accuracy']):+.1f})"
         note = {None: "", True: " (matched to VISOR auto's FLOPs)", False: " (closest to VISOR auto's FLOPs)"}[entry["matched"]]
         lines.append(f"| {entry['base']} + {entry['method']}{note} | {entry['keep_ratio']:.3g} "
                      f"({_pct(s['all']['visual_tokens_kept'])} %) | {change('coarse')} | {change('fine')} | "
-                     f"{_pct(s['all']['accuracy'])} | {s['all']['relative_flops']:.2f} |")
+                     f"{_pct(s['all']['accuracy'])} | {_fewer(s['all']['relative_flops'])} |")
     return "\n".join(lines)
 
 

@@ -193,7 +193,7 @@ class VisorConfig(PretrainedConfig):
     """
 
     model_type = "visor"
-    attribute_map = {"image_token_id": "image_token_index"}
+    attribute_map = {"image_token_id": "image_token_index", "video_token_id": "video_token_index"}
     # transformers 4.57 reads `sub_configs`, 5.x `sub_configs_defaults` (and derives `sub_configs` from it)
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
     if SubConfigSpec is not None:
@@ -207,6 +207,7 @@ class VisorConfig(PretrainedConfig):
         vision_config=None,
         text_config=None,
         image_token_index: int = 151646,
+        video_token_index: int = 151647,
         projector_hidden_act: str = "gelu",
         vision_feature_select_strategy: str = "full",
         vision_feature_layer: int | list[int] = -1,
@@ -239,6 +240,7 @@ class VisorConfig(PretrainedConfig):
         self.text_config = text_config
 
         self.image_token_index = image_token_index
+        self.video_token_index = video_token_index
         self.projector_hidden_act = projector_hidden_act
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vision_feature_layer = vision_feature_layer
@@ -339,6 +341,7 @@ class VisorConfig(PretrainedConfig):
             vision_config=llava_config.vision_config.to_dict(),
             text_config=llava_config.text_config.to_dict(),
             image_token_index=llava_config.image_token_id,
+            video_token_index=llava_config.video_token_id,
             projector_hidden_act=llava_config.projector_hidden_act,
             vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
             vision_feature_layer=llava_config.vision_feature_layer,
@@ -352,6 +355,87 @@ class VisorConfig(PretrainedConfig):
         )
         fields.update(overrides)
         return cls(**fields)
+
+
+# The card transformers' push_to_hub writes when the Hub repo has none (huggingface_hub's template): VISOR's replaces it.
+GENERIC_MODEL_CARD_MARKERS = ("# Model Card for Model ID", "This model card has been automatically generated.")
+
+
+def is_generic_model_card(text: str | None) -> bool:
+    """True for a missing card or transformers' generic "Model Card for Model ID" (what `push_to_hub` uploads when
+    the repo has no card); False for any card someone wrote, which is never replaced."""
+    return not text or not text.strip() or any(marker in text for marker in GENERIC_MODEL_CARD_MARKERS)
+
+
+def model_card_text(config, repo_id: str | None = None) -> str:
+    """A model card (README.md) for a VISOR checkpoint, from its config alone: Hub metadata, where VISOR's layers
+    sit, the budgets and how to load it on both transformers lines.
+
+    What `save_pretrained` writes into a folder that has no README.md and what `push_to_hub` uploads instead of
+    transformers' generic card. It claims nothing it cannot know from the config (whether the router or the gates
+    are trained); the converter writes a richer card (`visor_hf.model_card`: base model, license, FLOPs per budget).
+    """
+    name = repo_id or "path/to/this/folder"
+    text, vision = config.text_config, config.vision_config
+    rows = "\n".join(f"| `{len(c)}` | {list(c) or 'none'} |" for c in config.configurations)
+    routed = config.routing_token_id is not None
+    reduction = "none" if config.token_reduction is None else f"`{config.token_reduction}`"
+    example_budget = "auto" if config.default_budget == "auto" else "full"
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- visor
+- llava-onevision
+- vision-language
+- efficient-inference
+---
+
+# VISOR (VISion On Request) on LLaVA-OneVision
+
+A [VISOR](https://arxiv.org/abs/2603.23495) checkpoint: LLaVA-OneVision whose text reads the visual tokens through
+gated cross-attention layers, while only the self-attention layers of the chosen configuration also run on the
+visual tokens. Visual tokens are never pruned. The model code ships in this repository (`trust_remote_code=True`).
+
+## Configuration
+
+| field | value |
+| --- | --- |
+| language model | {text.model_type}, {text.num_hidden_layers} layers, hidden size {text.hidden_size}, {text.num_attention_heads} heads ({getattr(text, "num_key_value_heads", None) or text.num_attention_heads} key/value) |
+| vision tower | {vision.model_type}, {vision.image_size} px crops of {vision.patch_size} px patches, `{config.vision_aspect_ratio}` |
+| cross-attention after layers (`cross_attn_layers`) | {config.cross_attn_layers} |
+| self-attention layers that may run on visual tokens (`self_attn_layers`) | {config.self_attn_layers} |
+| default budget (`default_budget`) | `{config.default_budget!r}` |
+| routing token (`routing_token_id`) | {config.routing_token_id if routed else "none (no router: use a fixed budget)"} |
+| token reduction (`token_reduction`) | {reduction} |
+
+## Budgets
+
+`budget` on `forward`/`generate` chooses which self-attention layers run on the visual tokens: `"full"` (all of
+`self_attn_layers`), an int k (the configuration with k layers, below), a tuple of layer indices,
+{'`"auto"` (the router picks per sample from its routing token), ' if routed else ''}or a list with one of these per sample.
+
+| budget (k) | self-attention layers |
+| --- | --- |
+{rows}
+
+## How to load
+
+```python
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in this image?"}}]}}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=Image.open("photo.jpg"), text=text, return_tensors="pt")
+out = model.generate(**inputs, budget="{example_budget}", max_new_tokens=64)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+Works with transformers 4.57 and 5.x (`AutoModelForVision2Seq` on 4.57 too). No torchvision is needed for images.
+"""
 
 
 __all__ = ["VisorConfig"]
