@@ -99,3 +99,64 @@ def test_video_inputs_get_clear_errors(llava, video_visor):
         video_visor(**dict(inputs, input_ids=inputs["input_ids"].clamp(max=IMAGE_TOKEN_ID - 1)))
     with pytest.raises(ValueError, match="token_reduction applies to images only"):
         video_visor(**inputs, token_reduction={"method": "visionzip", "keep_ratio": 0.5, "score_layer": -1})
+
+
+# ---- the processor: videos= without torchvision, the chat template's video entries --------------------------------
+
+
+def frames(count, height=48, width=80, seed=0):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    return [Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
+            for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def processor(llava):
+    from visor_hf.testing import tiny_processor
+
+    return tiny_processor(llava.config)
+
+
+@pytest.mark.parametrize("count", [1, 32])
+def test_processor_takes_videos_and_generate_runs_on_them(llava, video_visor, processor, count):
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what happens?"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True).count("<video>\n") == 1
+    # (the tiny model has no row for the routing token the chat template adds: the prompt is written out here)
+    inputs = processor(videos=[frames(count)], text="<|im_start|>user\n<video>\nwhat happens?<|im_end|>\n", return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape == (1, count, 3, 56, 56)
+    assert int((inputs["input_ids"] == VIDEO_TOKEN_ID).sum()) == video_tokens(llava, count)  # LLaVA-OV's own count
+    out = video_visor.generate(**inputs, budget=0, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                               suppress_tokens=[IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_a_frame_is_preprocessed_as_the_base_crop_of_an_image(processor):
+    """LLaVA-OneVision's video frames are resized to the crop size, rescaled and normalised like an image's base crop
+    (the image processor's first patch)."""
+    frame = frames(1, 70, 90)[0]
+    video = processor(videos=[[frame]], text="<video>", return_tensors="pt")["pixel_values_videos"][0, 0]
+    image = processor(images=[frame], text="<image>", return_tensors="pt")["pixel_values"][0, 0]
+    torch.testing.assert_close(video, image, atol=1e-5, rtol=0)
+
+
+def test_mixed_image_and_video_batch_from_the_processor(llava, video_visor, processor):
+    texts = ["<image>\nwhat is it?", "<video>\nwhat happens?"]
+    inputs = processor(images=[frames(1, 60, 100)[0]], videos=[frames(2)], text=texts, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        together = video_visor(**inputs, budget=[0, "full"]).logits[:, -1]
+        image_alone = video_visor(**processor(images=[frames(1, 60, 100)[0]], text=texts[:1], return_tensors="pt"), budget=0).logits[0, -1]
+        video_alone = video_visor(**processor(videos=[frames(2)], text=texts[1:], return_tensors="pt"), budget="full").logits[0, -1]
+    torch.testing.assert_close(together[0], image_alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1], video_alone, atol=1e-5, rtol=0)
+
+
+def test_processor_video_errors(processor):
+    with pytest.raises(ValueError, match="no videos were given"):
+        processor(text="<video>")
+    with pytest.raises(ValueError, match="one placeholder per video"):
+        processor(videos=[frames(2), frames(2)], text="<video>")
+    with pytest.raises(ValueError, match="same number of frames"):
+        processor(videos=[frames(2), frames(3)], text=["<video>", "<video>"], padding=True)
+    assert processor(videos=[], text="hello", return_tensors="pt").keys() == {"input_ids", "attention_mask"}

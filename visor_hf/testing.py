@@ -107,7 +107,8 @@ def tiny_tokenizer(vocab_size: int = 256):
     """A character-level fast tokenizer built offline, laid out like the tiny models' vocabulary.
 
     Ids: 0 `<|endoftext|>` (pad), 1 `<|im_end|>` (eos), 2 `<|im_start|>`, 3 `<unk>`, then newline and printable
-    ASCII, fillers, `<image>` at IMAGE_TOKEN_ID and fillers up to `vocab_size` (all rows of the embedding used).
+    ASCII, fillers, `<image>` at IMAGE_TOKEN_ID, `<video>` at VIDEO_TOKEN_ID and fillers up to `vocab_size` (all rows of
+    the embedding used).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
@@ -116,10 +117,11 @@ def tiny_tokenizer(vocab_size: int = 256):
     for char in ["\n"] + [chr(c) for c in range(32, 127)]:
         vocab[char] = len(vocab)
     while len(vocab) < vocab_size:
-        vocab["<image>" if len(vocab) == IMAGE_TOKEN_ID else f"<|extra_{len(vocab)}|>"] = len(vocab)
+        named = {IMAGE_TOKEN_ID: "<image>", VIDEO_TOKEN_ID: "<video>"}
+        vocab[named.get(len(vocab), f"<|extra_{len(vocab)}|>")] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token a character
     backend.decoder = decoders.Fuse()
-    specials = [*TINY_SPECIAL_TOKENS, "<image>"]
+    specials = [*TINY_SPECIAL_TOKENS, "<image>"] + (["<video>"] if vocab_size > VIDEO_TOKEN_ID else [])
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
