@@ -273,6 +273,11 @@ class VisorConfig(PretrainedConfig):
         self.router_hidden_size = router_hidden_size or max(1, text_config.hidden_size // 4)
         self.token_reduction = validate_token_reduction(token_reduction)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        # `pipeline("image-text-to-text", ..., trust_remote_code=True)` takes `budget` as a call argument through it
+        kwargs.setdefault("custom_pipelines", {"image-text-to-text": {
+            "impl": "modeling_visor.VisorImageTextToTextPipeline", "pt": ["AutoModelForImageTextToText"],
+            "type": "multimodal",
+        }})
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
 

@@ -63,7 +63,16 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.utils import ModelOutput
 
-from .configuration_visor import BUDGET_HELP, HUB_CODE_FILES, TRANSFORMERS_V5, VisorConfig, validate_token_reduction
+from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
+
+from .configuration_visor import (
+    HUB_CODE_FILES,
+    TRANSFORMERS_V5,
+    VisorConfig,
+    is_generic_model_card,
+    model_card_text,
+    validate_token_reduction,
+)
 
 CACHE_FIELD = "cache" if TRANSFORMERS_V5 else "past_key_values"  # where generate() looks for the cache
 
@@ -1069,9 +1078,25 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
             target = os.path.join(save_directory, name)
             if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(target):
                 shutil.copyfile(source, target)
+        readme = os.path.join(save_directory, "README.md")
+        if not os.path.isfile(readme):  # a card someone wrote (the converter's, a user's) is kept
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(model_card_text(self.config))
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, **hub_kwargs)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        """push_to_hub's upload step (both lines), after it wrote README.md: the card already on the Hub is kept;
+        transformers' generic "Model Card for Model ID" (written for a repo without one) is replaced by VISOR's."""
+        import os
+
+        readme = os.path.join(working_dir, "README.md")
+        current = open(readme, encoding="utf-8").read() if os.path.isfile(readme) else None
+        if is_generic_model_card(current):
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(model_card_text(self.config, repo_id=repo_id))
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -1132,7 +1157,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         if configuration is None and self.config.routing_token_id is None:
             raise ValueError(
                 "budget='auto' needs a routing token and a trained router (config.routing_token_id is None); "
-                f"use a fixed budget: {BUDGET_HELP}"
+                "use a fixed budget: 'full', an int k (the configuration with k self-attention layers), or a tuple of "
+                f"layers from config.configurations ({self.config.configurations})"
             )
         return configuration
 
@@ -1641,4 +1667,23 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         return model.to(next(llava_model.parameters()).device)
 
 
-__all__ = ["VisorModel", "VisorForConditionalGeneration", "VisorPreTrainedModel", "VisorCache"]
+class VisorImageTextToTextPipeline(ImageTextToTextPipeline):
+    """transformers' image-text-to-text pipeline, plus VISOR's call arguments `budget` and `token_reduction`, handed to
+    `generate` (the stock pipeline gives unknown call arguments to the processor, or drops them). `config.json`'s
+    `custom_pipelines` names it, so `pipeline("image-text-to-text", model=PATH, trust_remote_code=True)` uses it."""
+
+    def _sanitize_parameters(self, *args, budget=None, token_reduction=None, **kwargs):
+        preprocess, forward, postprocess = super()._sanitize_parameters(*args, **kwargs)
+        extra = {name: value for name, value in (("budget", budget), ("token_reduction", token_reduction)) if value is not None}
+        if extra:
+            generate_kwargs = dict(forward.get("generate_kwargs") or {})
+            both = sorted(set(extra) & set(generate_kwargs))
+            if both:
+                raise ValueError(f"{both} given twice: as a call argument and in generate_kwargs; give it once")
+            forward["generate_kwargs"] = {**generate_kwargs, **extra}
+        return preprocess, forward, postprocess
+
+
+__all__ = [
+    "VisorModel", "VisorForConditionalGeneration", "VisorPreTrainedModel", "VisorCache", "VisorImageTextToTextPipeline",
+]

@@ -24,12 +24,13 @@ Usage:
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import transformers
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig, ProcessorMixin
 
-from .configuration_visor import TRANSFORMERS_V5, num_video_tokens, num_visual_tokens
+from .configuration_visor import TRANSFORMERS_V5, is_generic_model_card, num_video_tokens, num_visual_tokens
 
 # The PIL image processor of LLaVA-OneVision on each line (on 5.x the unsuffixed name is the torchvision one).
 IMAGE_PROCESSOR_CLASS = "LlavaOnevisionImageProcessorPil" if TRANSFORMERS_V5 else "LlavaOnevisionImageProcessor"
@@ -178,6 +179,17 @@ class VisorProcessor(ProcessorMixin):
             texts = [t.replace(self.video_token, marker * count).replace(marker, self.video_token) for t in texts]
         text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **text_kwargs)
         return BatchFeature(data={**text_inputs, **image_inputs, **video_inputs}, tensor_type=return_tensors)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        """push_to_hub's upload step: transformers' generic card (written when the Hub repo has none) is not uploaded;
+        the model's push writes VISOR's card, and a card already on the Hub is kept."""
+        readme = os.path.join(working_dir, "README.md")
+        if os.path.isfile(readme):
+            with open(readme, encoding="utf-8") as f:
+                generic = is_generic_model_card(f.read())
+            if generic:
+                os.remove(readme)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def _vision_shape(self) -> SimpleNamespace:
         """The vision tower's crop and patch size, as a model config holds them (for the token counts)."""

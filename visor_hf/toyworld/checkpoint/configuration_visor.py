@@ -18,6 +18,8 @@ Usage:
 
 from __future__ import annotations
 
+import math
+
 import transformers
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
@@ -116,6 +118,14 @@ def spread_subset(layers: list[int], k: int) -> tuple[int, ...]:
         return ()
     n = len(layers)
     return tuple(layers[min(n - 1, int((j + 0.5) * n / k))] for j in range(k))
+
+
+def num_video_tokens(config, num_frames: int) -> int:
+    """Visual tokens LLaVA-OneVision makes of a video of `num_frames` frames: each frame's crop pooled 2 x 2 (a side of
+    ceil(image_size / patch_size / 2) tokens: 14 x 14 = 196 at 384 px), plus one newline token after the last frame.
+    `config`: anything with `vision_config.image_size` and `vision_config.patch_size`."""
+    side = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
+    return num_frames * side * side + 1
 
 
 def num_visual_tokens(config, image_size, multi_image: bool = False) -> int:
@@ -263,6 +273,11 @@ class VisorConfig(PretrainedConfig):
         self.router_hidden_size = router_hidden_size or max(1, text_config.hidden_size // 4)
         self.token_reduction = validate_token_reduction(token_reduction)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        # `pipeline("image-text-to-text", ..., trust_remote_code=True)` takes `budget` as a call argument through it
+        kwargs.setdefault("custom_pipelines", {"image-text-to-text": {
+            "impl": "modeling_visor.VisorImageTextToTextPipeline", "pt": ["AutoModelForImageTextToText"],
+            "type": "multimodal",
+        }})
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
 

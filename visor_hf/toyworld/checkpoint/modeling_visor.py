@@ -32,6 +32,10 @@ Design choices:
 - One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and values,
   self-attention layers cache visual + text, and the cross-attention keys/values of the visual tokens are computed
   once at prefill and kept in its `prompt` state. Decoding never touches visual tokens outside S and C.
+- Videos (`pixel_values_videos`) are LLaVA-OneVision's: each frame through the tower, pooled 2 x 2, one newline
+  token after the last frame. A video is one item of the visual stream, like an image: its frames' tokens, in order,
+  are one sequence for the CPE (which convolves across frame boundaries, as over an image's rows), and text placed
+  after it reads all of it through cross-attention.
 - New parts start as identity (zero gates, zero CPE convolution), so a freshly grafted model at the full budget with
   all layers in S is LLaVA-OneVision exactly. `new_parameters()` names them; `init_new_parameters()` is their one
   initialisation.
@@ -59,7 +63,16 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.utils import ModelOutput
 
-from .configuration_visor import BUDGET_HELP, HUB_CODE_FILES, TRANSFORMERS_V5, VisorConfig, validate_token_reduction
+from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
+
+from .configuration_visor import (
+    HUB_CODE_FILES,
+    TRANSFORMERS_V5,
+    VisorConfig,
+    is_generic_model_card,
+    model_card_text,
+    validate_token_reduction,
+)
 
 CACHE_FIELD = "cache" if TRANSFORMERS_V5 else "past_key_values"  # where generate() looks for the cache
 
@@ -109,10 +122,12 @@ def attend(query, key, value, allowed, implementation: str, scaling: float) -> t
     return out.transpose(1, 2)
 
 
-def causal_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """(B, K) key validity -> (B, 1, Q, K) mask where the Q queries are the last Q keys, causally."""
+def causal_allowed(key_valid: torch.Tensor, num_queries: int, first_query=None) -> torch.Tensor:
+    """(B, K) key validity -> (B, 1, Q, K) mask where query q is key `first_query + q` and reads the keys up to itself.
+    `first_query` defaults to K - Q (the queries are the last Q keys); a static cache passes a tensor."""
     num_keys = key_valid.shape[1]
-    q = torch.arange(num_queries, device=key_valid.device)[:, None] + (num_keys - num_queries)
+    first_query = num_keys - num_queries if first_query is None else first_query
+    q = torch.arange(num_queries, device=key_valid.device)[:, None] + first_query
     k = torch.arange(num_keys, device=key_valid.device)[None, :]
     return (k <= q)[None, None] & key_valid[:, None, None, :]
 
@@ -499,6 +514,8 @@ def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, 
         )
     num_placeholders = int((input_ids == image_token_id).sum())
     if pixel_values is None:
+        if num_placeholders:
+            raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
         return
     num_images = pixel_values.shape[0]
     if image_sizes is None or tuple(torch.as_tensor(image_sizes).shape) != (num_images, 2):
@@ -512,6 +529,25 @@ def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, 
         raise ValueError(
             f"pixel_values hold {num_images} images but input_ids has no image placeholder (token id {image_token_id}); "
             "was the prompt truncated, or the image token left out of the text?"
+        )
+
+
+def check_video_inputs(input_ids, pixel_values_videos, video_token_id: int) -> None:
+    """Videos as LLaVA-OneVision takes them: pixel_values_videos (videos, frames, channels, height, width), and video
+    placeholders in input_ids exactly when videos are given."""
+    has_placeholders = bool((input_ids == video_token_id).any())
+    if pixel_values_videos is None:
+        if has_placeholders:
+            raise ValueError(f"input_ids hold video placeholder tokens (id {video_token_id}) but pixel_values_videos is None")
+        return
+    if pixel_values_videos.dim() != 5:
+        raise ValueError(
+            f"pixel_values_videos must be (videos, frames, channels, height, width); got shape {tuple(pixel_values_videos.shape)}"
+        )
+    if not has_placeholders:
+        raise ValueError(
+            f"pixel_values_videos hold {pixel_values_videos.shape[0]} videos but input_ids has no video placeholder "
+            f"(token id {video_token_id}); was the prompt truncated, or the video token left out of the text?"
         )
 
 
@@ -548,16 +584,34 @@ class VisorStreams:
         text = out.scatter(1, expand_index(pick(self.text_index), out), pick(self.text))
         return torch.where(is_visual.unsqueeze(-1), visual, text)
 
-    def split(self, dense: torch.Tensor, runs: torch.Tensor) -> None:
-        """Take the streams back from a self-attention layer's output; samples that did not run it (`runs` (B,) False)
-        keep their visual tokens unchanged."""
-        self.text = dense.gather(1, expand_index(self.text_index, dense))
-        self.visual = torch.where(runs[:, None, None], dense.gather(1, expand_index(self.visual_index, dense)), self.visual)
+    def split(self, dense: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Take the streams back from a self-attention layer's output (B, S, H), of all samples or of `rows`."""
+        text_index, visual_index = self.text_index, self.visual_index
+        if rows is None:
+            self.text, self.visual = dense.gather(1, expand_index(text_index, dense)), dense.gather(1, expand_index(visual_index, dense))
+            return
+        text_index, visual_index = text_index.index_select(0, rows), visual_index.index_select(0, rows)
+        self.text = self.text.index_copy(0, rows, dense.gather(1, expand_index(text_index, dense)))
+        self.visual = self.visual.index_copy(0, rows, dense.gather(1, expand_index(visual_index, dense)))
 
 
 def expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B, N) token indices -> (B, N, H) for gather/scatter along dim 1 of `like` (B, S, H)."""
     return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
+
+
+ALL_ROWS = "all"  # `VisorPromptState.visual_split`: every sample runs the layer on its visual tokens
+
+
+@dataclass
+class RowSplit:
+    """The samples of a batch that run a layer on [V; T] (`dense`) and those that run it on their text only (`text`), as
+    device row indices and host lists."""
+
+    dense: torch.Tensor
+    text: torch.Tensor
+    dense_host: list[int]
+    text_host: list[int]
 
 
 @dataclass
@@ -580,52 +634,52 @@ class VisorPromptState:
     text_padded: bool  # the same for the text stream
     visual_padded: bool  # the same for the visual tokens that cross-attention reads
     seq_length: int  # dense length seen so far (prompt + decoded)
+    prompt_length: int  # dense length of the prompt
     configurations: list[tuple[int, ...]] = field(default_factory=list)  # per sample: the self-attention layers it runs
     routing_pending: list[bool] = field(default_factory=list)  # per sample: the router has yet to choose (budget "auto")
     cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V), filled at prefill
     # derived from `configurations` by `set_configurations`:
-    active: torch.Tensor | None = None  # (B, L) on the device: sample b runs layer l on its visual tokens
-    visual_layers: frozenset = frozenset()  # layers whose cache holds visual + text keys
-    shared_layers: frozenset = frozenset()  # layers every sample with images runs: no visual key to hide there
-    _row_groups: dict = field(default_factory=dict)  # see row_groups
+    visual_layers: frozenset = frozenset()  # layers some sample with images runs on its visual tokens
+    _splits: dict = field(default_factory=dict)  # see visual_split
+    # static cache (`make_static`): tokens decoded so far, on the device, and where the prompt's keys end in each stream
+    decoded: torch.Tensor | None = None
+    text_start: int = 0
+    dense_start: int = 0
 
     def set_configurations(self, configurations: list[tuple[int, ...]]) -> None:
         """The self-attention layers of each sample (decided on the host, so no layer waits for the GPU to say so)."""
         self.configurations = [tuple(c) for c in configurations]
-        active = torch.zeros(len(configurations), self.num_layers, dtype=torch.bool)
-        for row, configuration in zip(active, self.configurations):
-            row[list(configuration)] = True
-        self.active = active.to(self.is_visual.device)
         runs = [set(c) for c, has_visual in zip(self.configurations, self.has_visual) if has_visual]
         self.visual_layers = frozenset(set().union(*runs))
-        self.shared_layers = frozenset(set.intersection(*runs) if runs else range(self.num_layers))
 
-    def row_groups(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """At prefill, which samples run `layer` on their visual tokens and which run it on their text only, as device
-        row indices (dense_rows, text_rows); text_rows is None when every sample runs it, and None overall when none
-        does. Decided on the host; the index tensors are made once per distinct split."""
+    def visual_split(self, layer: int) -> "RowSplit | str | None":
+        """At prefill, who runs `layer` on visual tokens: None (no sample: a text-only layer), ALL_ROWS (every sample),
+        or a `RowSplit` (some samples run it on [V; T], the others on their text only). Decided on the host; the row
+        index tensors are made once per distinct split."""
         if layer not in self.visual_layers:
             return None
         runs = tuple(has_visual and layer in c for c, has_visual in zip(self.configurations, self.has_visual))
         if all(runs):
-            return self.active[:, layer], None
-        if runs not in self._row_groups:
-            as_rows = lambda keep: torch.tensor([b for b, r in enumerate(runs) if r == keep], device=self.is_visual.device)
-            self._row_groups[runs] = (as_rows(True), as_rows(False))
-        return self._row_groups[runs]
+            return ALL_ROWS
+        if runs not in self._splits:
+            dense_host = [b for b, r in enumerate(runs) if r]
+            text_host = [b for b, r in enumerate(runs) if not r]
+            as_rows = lambda rows: torch.tensor(rows, device=self.is_visual.device)
+            self._splits[runs] = RowSplit(as_rows(dense_host), as_rows(text_host), dense_host, text_host)
+        return self._splits[runs]
 
     def text_mask(self, num_queries: int) -> torch.Tensor | None:
         """A text-only layer: the Q new text tokens read the text keys up to themselves."""
+        if self.decoded is not None:
+            return causal_allowed(self.text_valid, num_queries, self.text_start + self.decoded)
         return causal_allowed(self.text_valid, num_queries) if self.text_padded else None
 
-    def dense_mask(self, layer: int, num_queries: int, rows=None) -> torch.Tensor | None:
-        """A layer in `visual_layers`: the Q newest tokens of the dense sequence read the keys up to themselves, except
-        the visual keys of samples that skip this layer. `rows`: only samples that all run the layer will use it."""
-        if not self.dense_padded and (layer in self.shared_layers or rows is not None):
-            return None
-        is_visual = F.pad(self.is_visual, (0, self.dense_valid.shape[1] - self.is_visual.shape[1]))
-        hidden = is_visual & ~self.active[:, layer : layer + 1]
-        return causal_allowed(self.dense_valid & ~hidden, num_queries)
+    def dense_mask(self, num_queries: int) -> torch.Tensor | None:
+        """A layer run on [V; T] (by every sample it is asked for, see `visual_split`): the Q newest tokens of the dense
+        sequence read the keys up to themselves."""
+        if self.decoded is not None:
+            return causal_allowed(self.dense_valid, num_queries, self.dense_start + self.decoded)
+        return causal_allowed(self.dense_valid, num_queries) if self.dense_padded else None
 
     def cross_mask(self, num_queries: int, text_index=None, visual_index=None) -> torch.Tensor | None:
         """Cross-attention keeps the dense causal order: a text token reads the images placed before it. Given the
@@ -636,17 +690,41 @@ class VisorPromptState:
             return None
         return self.visual_valid[:, None, None, :].expand(-1, 1, num_queries, -1)
 
-    def append(self, new_valid: torch.Tensor, all_valid: bool) -> None:
-        """Q new tokens (new_valid (B, Q)) join the sequence; `all_valid`: none of them is padding (known on the host)."""
+    def make_static(self, room: int) -> None:
+        """From now on the key-validity rows have a fixed length (the prompt's, then `room` slots for new tokens, not
+        valid until written) and the count of decoded tokens lives on the device: a decoding step has fixed shapes and
+        asks the host nothing, so it compiles once (`torch.compile(fullgraph=True)`, CUDA graphs)."""
+        self.decoded = torch.zeros((), dtype=torch.long, device=self.text_valid.device)
+        self.text_start, self.dense_start = self.text_valid.shape[1], self.dense_valid.shape[1]
+        self.text_valid, self.dense_valid = F.pad(self.text_valid, (0, room)), F.pad(self.dense_valid, (0, room))
+
+    def append(self, new_valid: torch.Tensor, all_valid: bool | None) -> None:
+        """Q new tokens (new_valid (B, Q)) join the sequence; `all_valid`: none of them is padding (known on the host;
+        None with a static cache, which always masks)."""
+        if self.decoded is not None:  # written in place; `advance` moves the count after the step
+            index = self.decoded + torch.arange(new_valid.shape[1], device=new_valid.device)
+            self.text_valid.index_copy_(1, self.text_start + index, new_valid)
+            self.dense_valid.index_copy_(1, self.dense_start + index, new_valid)
+            return
         self.text_valid = torch.cat([self.text_valid, new_valid], dim=1)
         self.dense_valid = torch.cat([self.dense_valid, new_valid], dim=1)
         self.seq_length += new_valid.shape[1]
         if not all_valid:
             self.dense_padded = self.text_padded = True
 
+    def drop_newest(self, count: int) -> None:
+        """The newest `count` decoded tokens leave the sequence (`VisorCache.crop`)."""
+        self.text_valid, self.dense_valid = self.text_valid[:, :-count], self.dense_valid[:, :-count]
+        self.seq_length -= count
+
+    def advance(self, num_new: int) -> None:
+        """After a decoding step with a static cache: the step's tokens are in (see `append`)."""
+        if self.decoded is not None:
+            self.decoded += num_new
+
     def index_select(self, index: torch.Tensor) -> None:
-        """Keep the samples `index` (beam search reorders them): shared_layers stays true of any selection."""
-        for name in ("is_visual", "dense_valid", "text_valid", "visual_valid", "active"):
+        """Keep the samples `index` (beam search reorders them)."""
+        for name in ("is_visual", "dense_valid", "text_valid", "visual_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(getattr(self, name).device)))
         host_index = index.tolist()
         self.configurations = [self.configurations[i] for i in host_index]
@@ -675,6 +753,23 @@ class VisorPrompt:
         if self.image_ids is None:
             self.image_ids = torch.full_like(self.input_ids, -1)
 
+    def place_media(self, placeholders: torch.Tensor, lengths: list[int], first_id: int = 0, kind: str = "image"):
+        """Number one modality's items (`kind`: images or videos, `lengths` placeholders each, in prompt order) from
+        `first_id` in `image_ids`, checking their placeholders (B, S) against the features' count."""
+        num_placeholders = int(placeholders.sum())
+        if sum(lengths) != num_placeholders:
+            raise ValueError(
+                f"{kind.capitalize()} features and {kind} tokens do not match: {num_placeholders} {kind} placeholder "
+                f"tokens in input_ids, {sum(lengths)} visual tokens from the pixels ({len(lengths)} {kind}s)"
+            )
+        item_of_token = torch.repeat_interleave(torch.arange(len(lengths)) + first_id, torch.tensor(lengths))
+        self.image_ids = self.image_ids.masked_scatter(placeholders, item_of_token.to(self.image_ids))
+
+    def scatter_features(self, placeholders: torch.Tensor, features: list[torch.Tensor]) -> None:
+        """The features (one (N_i, H) tensor per item, in prompt order) at their placeholders (B, S)."""
+        features = torch.cat(features).to(self.embeds.device, self.embeds.dtype)
+        self.embeds = self.embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+
     def compact(self, restore_index: torch.Tensor, slot_valid: torch.Tensor) -> None:
         """Keep the slots `restore_index` (B, S') of the prompt; `slot_valid` (B, S') says which hold a token."""
         take = lambda x: x.gather(1, restore_index)
@@ -699,38 +794,125 @@ class VisorPrompt:
 # --------------------------------------------------------------------------------------------------
 
 
-class KeyValueRecorder:
-    """Stands in for the cache when a layer runs on part of a batch at prefill (`VisorModel.mixed_layer_step`): keeps
-    the keys/values the layer computes, so that the step can store the whole batch's in the real cache at once."""
+class RowGroupCache:
+    """One layer's keys/values for a group of samples that run it the same way, in a batch whose samples do not all
+    (`VisorModel.split_layer_step`): the samples that run it on [V; T] keep dense keys, the others text keys only. The
+    layer gets the group's cache as its cache (its `update` is all a layer calls)."""
 
-    def __init__(self):
-        self.key_values = None
+    def __init__(self, rows: torch.Tensor, rows_host: list[int], runs_visual: bool):
+        self.rows, self.rows_host, self.runs_visual = rows, rows_host, runs_visual
+        self.keys = self.values = None
+        self.static_start, self.decoded = None, None  # set by `VisorCache.make_static`
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        self.key_values = (key, value)
-        return key, value  # a prompt has no earlier keys
+        if self.static_start is not None:
+            return write_in_place(self, key, value, self.static_start, self.decoded)
+        if self.keys is not None:
+            key, value = torch.cat([self.keys, key], dim=-2), torch.cat([self.values, value], dim=-2)
+        self.keys, self.values = key, value
+        return key, value
+
+    def select(self, picked: list[tuple[int, int]]) -> "RowGroupCache":
+        """The group after the batch is re-indexed: `picked` lists (new row, position in this group)."""
+        group = RowGroupCache(self.rows.new_tensor([row for row, _ in picked]), [row for row, _ in picked], self.runs_visual)
+        local = self.keys.new_tensor([position for _, position in picked], dtype=torch.long)
+        group.keys, group.values = self.keys.index_select(0, local), self.values.index_select(0, local)
+        group.static_start, group.decoded = self.static_start, self.decoded
+        return group
+
+
+def write_in_place(holder, key, value, start: int, decoded: torch.Tensor):
+    """A static cache's update: `holder.keys`/`.values` (B, kvh, prompt + room, d) get the new keys/values at
+    `start + decoded` onwards, in place (fixed shapes, no host sync). Returns the whole buffers."""
+    index = start + decoded + torch.arange(key.shape[2], device=key.device)
+    holder.keys.index_copy_(2, index, key)
+    holder.values.index_copy_(2, index, value)
+    return holder.keys, holder.values
 
 
 class VisorCache(DynamicCache):
     """A `DynamicCache` whose layers hold different token sets (see the module docstring), plus the prompt
     state that decoding needs. `get_seq_length` counts positions of the dense sequence."""
 
-    def __init__(self):
+    def __init__(self, max_cache_len: int | None = None):
         super().__init__()
         self.prompt: VisorPromptState | None = None
+        self.row_groups: dict[int, list[RowGroupCache]] = {}  # layers whose samples ran them differently
+        # static: preallocated after the prefill for max_cache_len positions of the dense sequence (see make_static)
+        self.static_length = max_cache_len
+        self.static_start: dict[int, int] = {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.prompt is None else self.prompt.seq_length
+        if self.prompt is None:
+            return 0
+        decoded = 0 if self.prompt.decoded is None else int(self.prompt.decoded)
+        return self.prompt.seq_length + decoded
+
+    def crop(self, max_length: int) -> None:
+        """Drop the newest tokens, as assisted decoding and prompt lookup do after rejected candidates: `max_length` > 0
+        keeps that many positions of the dense sequence (4.57's meaning), <= 0 drops -max_length tokens (5.x's). Only
+        decoded tokens can be dropped; every layer (and row group) drops them from its end, whatever token set it holds."""
+        if self.prompt is None:
+            return
+        length = self.get_seq_length()
+        drop = -max_length if max_length <= 0 else length - max_length
+        if drop <= 0:
+            return
+        if self.prompt.decoded is not None:
+            raise NotImplementedError("a static VisorCache cannot be cropped; use the default dynamic cache")
+        if drop > length - self.prompt.prompt_length:
+            raise ValueError(f"cannot crop {drop} tokens: only {length - self.prompt.prompt_length} were decoded")
+        holders = [layer for layer in self.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+        holders += [group for groups in self.row_groups.values() for group in groups]
+        for holder in holders:
+            holder.keys, holder.values = holder.keys[..., :-drop, :], holder.values[..., :-drop, :]
+        self.prompt.drop_newest(drop)
+
+    def make_static(self) -> None:
+        """Called once the prefill filled the cache: every layer's keys/values (and every row group's) get room for the
+        new tokens up to `max_cache_len`, written in place from now on, and the prompt state keeps fixed shapes."""
+        room = max(1, self.static_length - self.prompt.seq_length)
+        pad = (0, 0, 0, room)  # (B, kvh, N, d): room after the N cached tokens
+        holders = [(layer_idx, layer) for layer_idx, layer in enumerate(self.layers) if getattr(layer, "keys", None) is not None
+                   and layer.keys.numel()] + [(None, group) for groups in self.row_groups.values() for group in groups]
+        for layer_idx, holder in holders:
+            start = holder.keys.shape[2]
+            holder.keys, holder.values = F.pad(holder.keys, pad), F.pad(holder.values, pad)
+            if layer_idx is None:
+                holder.static_start, holder.decoded = start, None  # decoded is set below, once the state has it
+            else:
+                self.static_start[layer_idx] = start
+        self.prompt.make_static(room)
+        for groups in self.row_groups.values():
+            for group in groups:
+                group.decoded = self.prompt.decoded
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx in self.static_start:
+            return write_in_place(self.layers[layer_idx], key_states, value_states, self.static_start[layer_idx], self.prompt.decoded)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        if self.prompt is not None:
-            self.prompt.index_select(beam_idx)
+        self.select_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
+        self.select_rows(indices)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """VISOR's part of a re-indexed batch (new row i is old row index[i]): the prompt state and the row groups."""
         if self.prompt is not None:
-            self.prompt.index_select(indices)
+            self.prompt.index_select(index)
+        index = index.tolist()
+        for layer, groups in self.row_groups.items():
+            regrouped = []
+            for group in groups:
+                position = {row: p for p, row in enumerate(group.rows_host)}
+                picked = [(new, position[old]) for new, old in enumerate(index) if old in position]
+                if picked:
+                    regrouped.append(group.select(picked))
+            self.row_groups[layer] = regrouped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -752,6 +934,10 @@ class VisorModelOutput(ModelOutput):
     self_attn_layers: list | None = None
     router_logits: torch.FloatTensor | None = None  # (B, Nt, num_configurations) over the text buffer
     routing_mask: torch.BoolTensor | None = None  # (B, Nt): which text-buffer slots hold a routing token
+    # output_hidden_states: the text stream entering each language-model layer, then the final norm's output (L + 1
+    # entries, as transformers' Qwen2 gives them); (B, S, H) at prefill with image placeholders unspecified (zeros),
+    # (B, n, H) when decoding. Visual tokens have no entry: most layers never see them.
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -767,6 +953,8 @@ class VisorCausalLMOutput(ModelOutput):
     self_attn_layers: list | None = None
     router_logits: torch.FloatTensor | None = None
     routing_mask: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None  # see VisorModelOutput
+    attentions: None = None  # VISOR's attention kernels return no weights (output_attentions raises)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -890,9 +1078,25 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
             target = os.path.join(save_directory, name)
             if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(target):
                 shutil.copyfile(source, target)
+        readme = os.path.join(save_directory, "README.md")
+        if not os.path.isfile(readme):  # a card someone wrote (the converter's, a user's) is kept
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(model_card_text(self.config))
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, **hub_kwargs)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        """push_to_hub's upload step (both lines), after it wrote README.md: the card already on the Hub is kept;
+        transformers' generic "Model Card for Model ID" (written for a repo without one) is replaced by VISOR's."""
+        import os
+
+        readme = os.path.join(working_dir, "README.md")
+        current = open(readme, encoding="utf-8").read() if os.path.isfile(readme) else None
+        if is_generic_model_card(current):
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(model_card_text(self.config, repo_id=repo_id))
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -953,7 +1157,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         if configuration is None and self.config.routing_token_id is None:
             raise ValueError(
                 "budget='auto' needs a routing token and a trained router (config.routing_token_id is None); "
-                f"use a fixed budget: {BUDGET_HELP}"
+                "use a fixed budget: 'full', an int k (the configuration with k self-attention layers), or a tuple of "
+                f"layers from config.configurations ({self.config.configurations})"
             )
         return configuration
 
@@ -971,6 +1176,18 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             batch_num_images=batch_num_images,
         )
         return list(getattr(out, "pooler_output", out))  # 5.x returns an output object, 4.57 a list
+
+    def video_features(self, pixel_values_videos) -> list[torch.Tensor]:
+        """LLaVA-OneVision's video features, one (frames * pooled + 1, H) tensor per video: every frame through the
+        tower and projector, pooled 2 x 2 (196 tokens a frame at 384 px), one image_newline token after the last."""
+        out = LlavaOnevisionModel.get_video_features(
+            self, pixel_values_videos, vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+        )
+        if hasattr(out, "pooler_output"):  # 5.x: an output object, the newline already appended
+            return list(out.pooler_output)
+        newline = self.image_newline[None, None, :].expand(out.shape[0], 1, -1).to(out)  # 4.57 appends it in forward
+        return list(torch.cat([out, newline], dim=1))
 
     def resolve_token_reduction(self, token_reduction) -> dict | None:
         """The setting of this call: the config's default when None; a packing setting must match the packer."""
@@ -1057,8 +1274,17 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         cache: VisorCache | None = None,
         route_only: bool = False,
         token_reduction=None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> VisorModelOutput:
+        if output_attentions:
+            raise ValueError(
+                "output_attentions is not supported: VISOR's attention runs on SDPA/eager kernels that return no "
+                "attention weights, and most layers never attend to the visual tokens (use output_hidden_states)"
+            )
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.get_text_config().use_cache and not self.training)
         if input_ids is None:
@@ -1070,32 +1296,44 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         else:
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
-            cache = VisorCache() if use_cache else None
+            cache = (cache if isinstance(cache, VisorCache) else VisorCache()) if use_cache else None
             check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, self.config.image_token_id)
+            check_video_inputs(input_ids, pixel_values_videos, self.config.video_token_id)
             prompt = self.build_prompt(
                 input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
-                token_reduction,
+                token_reduction, pixel_values_videos,
             )
             streams, state = self.split_prompt(prompt, self.resolve_budget(budget, input_ids.shape[0]))
         router_logits = routing_mask = None
+        hidden_states = [] if output_hidden_states else None
         for layer_idx in range(self.config.num_layers):
             if layer_idx == self.config.router_layer and any(state.routing_pending):
                 router_logits, routing_mask = self.route_samples(streams, state, prompt.input_ids)
             if route_only and layer_idx >= self.config.router_layer:
                 break
+            if output_hidden_states:
+                hidden_states.append(streams.text)
             self.layer_step(layer_idx, streams, state, cache)
         if route_only:
             return VisorModelOutput(
                 self_attn_layers=state.configurations, router_logits=router_logits, routing_mask=routing_mask
             )
         hidden = self.language_model.norm(streams.text)
+        if output_hidden_states:
+            hidden_states.append(hidden)
         if streams.text_index is not None:  # prefill: back to the caller's (B, S, H) layout
             hidden = prompt.restore(streams.text_index, hidden)
+            if output_hidden_states:
+                hidden_states = [prompt.restore(streams.text_index, h) for h in hidden_states]
             if cache is not None:
                 cache.prompt = state
+                if cache.static_length is not None:
+                    cache.make_static()
+        else:
+            state.advance(streams.text.shape[1])
         return VisorModelOutput(
             last_hidden_state=hidden, **{CACHE_FIELD: cache}, self_attn_layers=state.configurations,
-            router_logits=router_logits,
+            router_logits=router_logits, hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
 
     def layer_step(self, layer_idx: int, streams: VisorStreams, state: VisorPromptState, cache) -> None:
@@ -1103,93 +1341,90 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         both run through here. The layer is called through its own forward (module call), so hooks on it work."""
         layer = self.language_model.layers[layer_idx]
         implementation = self.config.text_config._attn_implementation or "sdpa"
-        rows = state.row_groups(layer_idx) if streams.visual is not None else None
-        if rows is not None and rows[1] is None:  # prefill, every sample runs the layer on [V; T] in the dense order
+        split = state.visual_split(layer_idx) if streams.visual is not None else None  # prefill
+        if split == ALL_ROWS:  # every sample runs the layer on [V; T] in the dense order
             dense = layer(
-                streams.dense(state.is_visual), attention_mask=state.dense_mask(layer_idx, state.is_visual.shape[1]),
+                streams.dense(state.is_visual), attention_mask=state.dense_mask(state.is_visual.shape[1]),
                 position_embeddings=streams.dense_rope, **{CACHE_FIELD: cache},
             )
-            streams.split(dense, state.active[:, layer_idx])
-        elif rows is not None:  # prefill, some samples run it on [V; T], the others on T only
-            self.mixed_layer_step(layer, layer_idx, streams, state, cache, *rows)
-        else:  # text only; when decoding, a layer in visual_layers reads the visual keys its cache holds
-            num_queries = streams.text.shape[1]
-            mask = state.dense_mask(layer_idx, num_queries) if layer_idx in state.visual_layers else state.text_mask(num_queries)
-            streams.text = layer(streams.text, attention_mask=mask, position_embeddings=streams.text_rope, **{CACHE_FIELD: cache})
+            streams.split(dense)
+        elif split is not None:  # some samples run it on [V; T], the others on their text only
+            self.split_layer_step(layer, layer_idx, streams, state, cache, split)
+        elif cache is not None and layer_idx in cache.row_groups:  # decoding a layer the samples ran differently
+            for group in cache.row_groups[layer_idx]:
+                mask = state.dense_mask if group.runs_visual else state.text_mask
+                self.text_rows_step(layer, streams, mask(streams.text.shape[1]), group)
+        else:  # text only; when decoding, a layer every sample ran on [V; T] reads the visual keys its cache holds
+            mask = state.dense_mask if layer_idx in state.visual_layers else state.text_mask
+            streams.text = layer(
+                streams.text, attention_mask=mask(streams.text.shape[1]), position_embeddings=streams.text_rope,
+                **{CACHE_FIELD: cache},
+            )
         if str(layer_idx) in self.cross_attn and (streams.visual is not None or layer_idx in state.cross_key_values):
             streams.text, state.cross_key_values[layer_idx] = self.cross_attn[str(layer_idx)](
                 streams.text, streams.cross_mask, implementation, key_values=state.cross_key_values.get(layer_idx),
                 visual=streams.visual, image_ids=streams.visual_image_ids, layout=streams.visual_layout,
             )
 
-    def mixed_layer_step(self, layer, layer_idx: int, streams, state, cache, dense_rows, text_rows) -> None:
-        """Prefill of a layer that some samples (`dense_rows`) run on [V; T] and the others (`text_rows`) skip: each group
-        runs as what it is, so a sample pays for what it runs. The cache keeps the dense layout at this layer, the
-        skipping samples' keys at their text positions (their visual slots stay empty and `dense_mask` hides them)."""
-        length = state.is_visual.shape[1]
-        recorders = (KeyValueRecorder(), KeyValueRecorder()) if cache is not None else (None, None)
-        pick = lambda x, rows: None if x is None else x.index_select(0, rows)
+    def split_layer_step(self, layer, layer_idx: int, streams, state, cache, split: RowSplit) -> None:
+        """Prefill of a layer that some samples run on [V; T] and the others skip: each group runs as what it is, so a
+        sample pays for what it runs, and each group's keys/values go to a cache of its own (`RowGroupCache`): the
+        skipping samples cache their text only, as they would alone."""
+        dense_group, text_group = RowGroupCache(split.dense, split.dense_host, True), RowGroupCache(split.text, split.text_host, False)
+        mask = state.dense_mask(state.is_visual.shape[1])
         dense = layer(
-            streams.dense(state.is_visual, dense_rows), attention_mask=pick(state.dense_mask(layer_idx, length, dense_rows), dense_rows),
-            position_embeddings=tuple(pick(x, dense_rows) for x in streams.dense_rope), **{CACHE_FIELD: recorders[0]},
+            streams.dense(state.is_visual, split.dense), attention_mask=None if mask is None else mask.index_select(0, split.dense),
+            position_embeddings=tuple(x.index_select(0, split.dense) for x in streams.dense_rope),
+            **{CACHE_FIELD: dense_group},
         )
+        self.text_rows_step(layer, streams, state.text_mask(streams.text.shape[1]), text_group)
+        streams.split(dense, split.dense)
+        if cache is not None:
+            cache.row_groups[layer_idx] = [dense_group, text_group]
+
+    @staticmethod
+    def text_rows_step(layer, streams, mask, group: RowGroupCache) -> None:
+        """The layer on the text stream of the samples `group.rows`, with the group's cache."""
+        pick = lambda x: x.index_select(0, group.rows)
         text = layer(
-            pick(streams.text, text_rows), attention_mask=pick(state.text_mask(streams.text.shape[1]), text_rows),
-            position_embeddings=tuple(pick(x, text_rows) for x in streams.text_rope), **{CACHE_FIELD: recorders[1]},
+            pick(streams.text), attention_mask=None if mask is None else pick(mask),
+            position_embeddings=tuple(pick(x) for x in streams.text_rope), **{CACHE_FIELD: group},
         )
-        text_index, visual_index = pick(streams.text_index, dense_rows), pick(streams.visual_index, dense_rows)
-        streams.text = streams.text.index_copy(0, text_rows, text).index_copy(
-            0, dense_rows, dense.gather(1, expand_index(text_index, dense))
-        )
-        streams.visual = streams.visual.index_copy(0, dense_rows, dense.gather(1, expand_index(visual_index, dense)))
-        if cache is not None:  # (B, kvh, S, d): the dense rows' keys as they are, the text rows' at their text positions
-            slots = pick(streams.text_index, text_rows)
-            merged = []
-            for dense_kv, text_kv in zip(recorders[0].key_values, recorders[1].key_values):
-                out = dense_kv.new_zeros(state.is_visual.shape[0], *dense_kv.shape[1:]).index_copy(0, dense_rows, dense_kv)
-                spread = dense_kv.new_zeros(len(text_rows), *dense_kv.shape[1:]).scatter(
-                    2, slots[:, None, :, None].expand(-1, text_kv.shape[1], -1, text_kv.shape[-1]), text_kv
-                )
-                merged.append(out.index_copy(0, text_rows, spread))
-            cache.update(*merged, layer_idx)
+        streams.text = streams.text.index_copy(0, group.rows, text)
 
     # ---- prefill: the prompt and its two streams ----------------------------------------------------
 
     def build_prompt(
         self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
-        token_reduction,
+        token_reduction, pixel_values_videos=None,
     ) -> "VisorPrompt":
-        """The dense sequence as LLaVA-OneVision builds it: text embeddings with the visual features at the image
-        placeholders, RoPE positions of the dense sequence; with token reduction, only the surviving tokens."""
+        """The dense sequence as LLaVA-OneVision builds it: text embeddings with the visual features at the image and
+        video placeholders, RoPE positions of the dense sequence; with token reduction, only the surviving tokens.
+        Each image or video is one item of `image_ids`: its tokens are one sequence for the CPE and cross-attention."""
         batch, length = input_ids.shape
         reduction = self.resolve_token_reduction(token_reduction)
         embeds = inputs_embeds if inputs_embeds is not None else self.language_model.embed_tokens(input_ids)
         if position_ids is None:  # as LLaVA-OneVision: positions follow the dense sequence
             position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, -1)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        prompt = VisorPrompt(input_ids, embeds, input_ids == self.config.image_token_id, valid, position_ids, length)
-        num_placeholders = int(prompt.is_visual.sum())
-        if num_placeholders == 0:
-            return prompt
-        if pixel_values is None:
-            raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
-        if reduction is None:
-            features = self.visual_features(pixel_values, image_sizes, batch_num_images)
-            lengths = [f.shape[0] for f in features]
-        else:
+        is_image, is_video = input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
+        prompt = VisorPrompt(input_ids, embeds, is_image | is_video, valid, position_ids, length)
+        num_images, num_videos = torch.stack([is_image.sum(), is_video.sum()]).tolist()  # one host sync for both
+        if num_videos and reduction is not None:
+            raise ValueError("token_reduction applies to images only; give videos without it (token_reduction='none')")
+        if num_images and reduction is not None:  # placeholders of reduced-away tokens go; survivors keep positions
             features, kept = self.reduce_visual_tokens(pixel_values, image_sizes, batch_num_images, reduction)
-            lengths = [k.shape[0] for k in kept]  # each image's tokens before reduction
-        if sum(lengths) != num_placeholders:
-            raise ValueError(
-                f"Image features and image tokens do not match: {num_placeholders} image placeholder tokens in "
-                f"input_ids, {sum(lengths)} visual tokens from pixel_values ({len(features)} images)"
-            )
-        image_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        prompt.image_ids = prompt.image_ids.masked_scatter(prompt.is_visual, image_of_token.to(input_ids.device))
-        if reduction is not None:  # drop the placeholders of reduced-away tokens; the survivors keep their positions
+            prompt.place_media(is_image, [k.shape[0] for k in kept])
             prompt.compact(*compact_kept_tokens(prompt.is_visual, kept))
-        features = torch.cat(features).to(prompt.embeds.device, prompt.embeds.dtype)
-        prompt.embeds = prompt.embeds.masked_scatter(prompt.is_visual.unsqueeze(-1), features)
+            prompt.scatter_features(prompt.is_visual, features)
+        elif num_images:
+            features = self.visual_features(pixel_values, image_sizes, batch_num_images)
+            prompt.place_media(is_image, [f.shape[0] for f in features])
+            prompt.scatter_features(is_image, features)
+        if num_videos:
+            features = self.video_features(pixel_values_videos)
+            prompt.place_media(is_video, [f.shape[0] for f in features], first_id=num_images, kind="video")
+            prompt.scatter_features(is_video, features)
         return prompt
 
     def split_prompt(self, prompt: "VisorPrompt", configurations: list) -> tuple[VisorStreams, VisorPromptState]:
@@ -1207,7 +1442,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             is_visual=is_visual, dense_valid=valid, text_valid=is_text.gather(1, text_index),
             visual_valid=visual_valid, has_visual=(counts[1] > 0).tolist(), num_layers=self.config.num_layers,
             dense_padded=not bool(counts[2].all()), text_padded=bool((counts[0] < num_text).any()),
-            visual_padded=bool((counts[1] < num_visual).any()), seq_length=prompt.length,
+            visual_padded=bool((counts[1] < num_visual).any()), seq_length=prompt.length, prompt_length=prompt.length,
         )
         self.start_configurations(state, configurations)
         cos, sin = self.language_model.rotary_emb(prompt.embeds, prompt.position_ids)  # (B, S, d)
@@ -1255,22 +1490,25 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         """The Q new tokens as a text stream; the state takes them in. Visual tokens are only read from the cache."""
         batch, num_new = input_ids.shape
         embeds = inputs_embeds if inputs_embeds is not None else self.language_model.embed_tokens(input_ids)
+        static = state.decoded is not None  # a static cache: no host sync, fixed shapes (see make_static)
         if attention_mask is None:
             new_valid = torch.ones_like(input_ids, dtype=torch.bool)
-        elif attention_mask.shape[1] in (state.seq_length + num_new, num_new):
+        elif attention_mask.shape[1] in (state.seq_length + num_new, num_new) or (static and attention_mask.shape[1] > num_new):
             new_valid = attention_mask[:, -num_new:].bool()
         else:
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} columns; expected {state.seq_length + num_new} "
                 f"(prompt and generated tokens) or {num_new} (the new tokens)"
             )
-        # both read in one host sync
-        has_image_token, all_valid = torch.stack([(input_ids == self.config.image_token_id).any(), new_valid.all()]).tolist()
-        if has_image_token:
-            raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
+        all_valid = None
+        if not static:  # both read in one host sync
+            has_image_token, all_valid = torch.stack([(input_ids == self.config.image_token_id).any(), new_valid.all()]).tolist()
+            if has_image_token:
+                raise ValueError("image placeholder tokens can only appear in the prompt, not after it")
         if position_ids is None:
-            position_ids = (torch.arange(num_new, device=input_ids.device) + state.seq_length).expand(batch, -1)
-        state.append(new_valid, bool(all_valid))
+            start = state.seq_length + (state.decoded if static else 0)
+            position_ids = (torch.arange(num_new, device=input_ids.device) + start).expand(batch, -1)
+        state.append(new_valid, all_valid)
         rope = self.language_model.rotary_emb(embeds, position_ids)
         return VisorStreams(text=embeds, text_rope=rope, cross_mask=state.cross_mask(num_new))
 
@@ -1319,6 +1557,9 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         cache: VisorCache | None = None,
         route_only: bool = False,
         token_reduction=None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> VisorCausalLMOutput:
         r"""budget: see the class docstring. route_only: stop after the router and return only
@@ -1328,7 +1569,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
             use_cache=use_cache, budget=budget, batch_num_images=batch_num_images, cache=cache, route_only=route_only,
-            token_reduction=token_reduction,
+            token_reduction=token_reduction, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            pixel_values_videos=pixel_values_videos,
         )
         if route_only:
             return VisorCausalLMOutput(
@@ -1347,6 +1589,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         return VisorCausalLMOutput(
             loss=loss, logits=logits, **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
             self_attn_layers=outputs.self_attn_layers, router_logits=outputs.router_logits,
+            hidden_states=outputs.hidden_states,
         )
 
     @torch.no_grad()
@@ -1365,9 +1608,20 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         cache_kwargs = {CACHE_FIELD: cache if cache is not None else past_key_values}
         model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_kwargs, **kwargs)
         if prompt_done:
-            for name in ("pixel_values", "image_sizes", "batch_num_images"):
+            for name in ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos"):
                 model_inputs.pop(name, None)
         return model_inputs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        """`generate(cache_implementation="static")` gets a static `VisorCache` (preallocated for `max_cache_length`
+        positions once the prompt is in, fixed shapes while decoding; see `VisorCache.make_static`); any other
+        choice is transformers' own, and VISOR's forward replaces a cache it cannot use by a dynamic `VisorCache`."""
+        if generation_config.cache_implementation == "static" and model_kwargs.get(CACHE_FIELD) is None:
+            model_kwargs[CACHE_FIELD] = VisorCache(max_cache_len=max_cache_length)
+            return
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and num_return_sequences repeat each sample `expand_size` times; a per-sample list of
@@ -1413,4 +1667,23 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         return model.to(next(llava_model.parameters()).device)
 
 
-__all__ = ["VisorModel", "VisorForConditionalGeneration", "VisorPreTrainedModel", "VisorCache"]
+class VisorImageTextToTextPipeline(ImageTextToTextPipeline):
+    """transformers' image-text-to-text pipeline, plus VISOR's call arguments `budget` and `token_reduction`, handed to
+    `generate` (the stock pipeline gives unknown call arguments to the processor, or drops them). `config.json`'s
+    `custom_pipelines` names it, so `pipeline("image-text-to-text", model=PATH, trust_remote_code=True)` uses it."""
+
+    def _sanitize_parameters(self, *args, budget=None, token_reduction=None, **kwargs):
+        preprocess, forward, postprocess = super()._sanitize_parameters(*args, **kwargs)
+        extra = {name: value for name, value in (("budget", budget), ("token_reduction", token_reduction)) if value is not None}
+        if extra:
+            generate_kwargs = dict(forward.get("generate_kwargs") or {})
+            both = sorted(set(extra) & set(generate_kwargs))
+            if both:
+                raise ValueError(f"{both} given twice: as a call argument and in generate_kwargs; give it once")
+            forward["generate_kwargs"] = {**generate_kwargs, **extra}
+        return preprocess, forward, postprocess
+
+
+__all__ = [
+    "VisorModel", "VisorForConditionalGeneration", "VisorPreTrainedModel", "VisorCache", "VisorImageTextToTextPipeline",
+]

@@ -24,18 +24,20 @@ Usage:
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import transformers
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig, ProcessorMixin
 
-from .configuration_visor import TRANSFORMERS_V5, num_visual_tokens
+from .configuration_visor import TRANSFORMERS_V5, is_generic_model_card, num_video_tokens, num_visual_tokens
 
 # The PIL image processor of LLaVA-OneVision on each line (on 5.x the unsuffixed name is the torchvision one).
 IMAGE_PROCESSOR_CLASS = "LlavaOnevisionImageProcessorPil" if TRANSFORMERS_V5 else "LlavaOnevisionImageProcessor"
 
 ROUTING_TOKEN = "<|visor_route|>"
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' -%}"
@@ -46,13 +48,14 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for content in message['content'] -%}"
     "{%- if content['type'] == 'image' -%}{{- 'IMAGE_TOKEN\\n' -}}"
+    "{%- elif content['type'] == 'video' -%}{{- 'VIDEO_TOKEN\\n' -}}"
     "{%- elif content['type'] == 'text' -%}{{- content['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- if message['role'] == 'user' -%}{{- 'ROUTING_TOKEN' -}}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-).replace("IMAGE_TOKEN", IMAGE_TOKEN).replace("ROUTING_TOKEN", ROUTING_TOKEN)
+).replace("IMAGE_TOKEN", IMAGE_TOKEN).replace("VIDEO_TOKEN", VIDEO_TOKEN).replace("ROUTING_TOKEN", ROUTING_TOKEN)
 
 
 class VisorProcessor(ProcessorMixin):
@@ -66,6 +69,10 @@ class VisorProcessor(ProcessorMixin):
         vision_aspect_ratio (`str`): As in the model config, "anyres_max_N".
         chat_template (`str`, *optional*): Defaults to `CHAT_TEMPLATE`.
         image_token, routing_token (`str`): The placeholder of an image and the routing token.
+        video_token (`str`): The placeholder of a video; optional in the tokenizer (without it, `videos=` is an error).
+
+    Videos need no torchvision: each frame is resized to the crop size (bicubic), rescaled and normalised with the image
+    processor's settings, as LLaVA-OneVision's video processor does, with numpy.
     """
 
     attributes = ["image_processor", "tokenizer"]  # 4.57 reads this list; 5.x reads the names of `__init__`
@@ -82,6 +89,7 @@ class VisorProcessor(ProcessorMixin):
         chat_template: str | None = None,
         image_token: str = IMAGE_TOKEN,
         routing_token: str = ROUTING_TOKEN,
+        video_token: str = VIDEO_TOKEN,
         **kwargs,
     ):
         self.num_image_tokens = num_image_tokens
@@ -89,7 +97,11 @@ class VisorProcessor(ProcessorMixin):
         self.vision_aspect_ratio = vision_aspect_ratio
         self.image_token = image_token
         self.routing_token = routing_token
+        self.video_token = video_token
+        self.video_token_id = None
         if tokenizer is not None:
+            ids = tokenizer.encode(video_token, add_special_tokens=False)
+            self.video_token_id = ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
             self.image_token_id = self._single_token_id(tokenizer, image_token, "image_token")
             self.routing_token_id = self._single_token_id(tokenizer, routing_token, "routing_token")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
@@ -119,7 +131,7 @@ class VisorProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images"]
+        return ["input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos"]
 
     def __call__(self, images=None, text=None, videos=None, audio=None, images_kwargs=None, **text_kwargs) -> BatchFeature:
         """Prepare model inputs.
@@ -132,11 +144,18 @@ class VisorProcessor(ProcessorMixin):
             images_kwargs: Passed to the image processor.
             text_kwargs: Passed to the tokenizer (`return_tensors`, `padding`, `padding_side`, ...).
 
+            videos: A video (a list of frames: PIL images or (H, W, C) arrays, or one (frames, H, W, C) array) or a list
+                of them, one per `video_token` of the batch, in order; every video of a batch has the same frame count.
+
         Returns a `BatchFeature` with `input_ids`, `attention_mask` and, with images, `pixel_values`, `image_sizes` and
-        `batch_num_images`: what `VisorForConditionalGeneration.forward` and `generate` take.
+        `batch_num_images`, with videos `pixel_values_videos` (videos, frames, 3, H, W): what
+        `VisorForConditionalGeneration.forward` and `generate` take. Empty lists count as none (lmms-eval passes them).
         """
-        if videos is not None or audio is not None:
-            raise ValueError("VisorProcessor takes images and text only (videos and audio are not supported)")
+        images = None if isinstance(images, (list, tuple)) and len(images) == 0 else images
+        videos = None if isinstance(videos, (list, tuple)) and len(videos) == 0 else videos
+        audio = None if isinstance(audio, (list, tuple)) and len(audio) == 0 else audio
+        if audio is not None:
+            raise ValueError("VisorProcessor takes images, videos and text (audio is not supported)")
         if text is None:
             raise ValueError(f"VisorProcessor needs `text`, with one {self.image_token!r} per image")
         texts = [text] if isinstance(text, str) else list(text)
@@ -150,8 +169,71 @@ class VisorProcessor(ProcessorMixin):
             texts = self._expand_image_tokens(texts, image_inputs)
         elif num_placeholders:
             raise ValueError(f"the text holds {num_placeholders} {self.image_token!r} placeholders but no images were given")
+        video_inputs = {}
+        num_video_placeholders = sum(t.count(self.video_token) for t in texts)
+        if videos is not None or num_video_placeholders:
+            video_inputs = self._video_inputs(videos, num_video_placeholders)
+            frames = video_inputs["pixel_values_videos"].shape[1]
+            count = num_video_tokens(self._vision_shape(), frames)
+            marker = "\0visor-video\0"  # keeps expanded tokens from being matched again
+            texts = [t.replace(self.video_token, marker * count).replace(marker, self.video_token) for t in texts]
         text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **text_kwargs)
-        return BatchFeature(data={**text_inputs, **image_inputs}, tensor_type=return_tensors)
+        return BatchFeature(data={**text_inputs, **image_inputs, **video_inputs}, tensor_type=return_tensors)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        """push_to_hub's upload step: transformers' generic card (written when the Hub repo has none) is not uploaded;
+        the model's push writes VISOR's card, and a card already on the Hub is kept."""
+        readme = os.path.join(working_dir, "README.md")
+        if os.path.isfile(readme):
+            with open(readme, encoding="utf-8") as f:
+                generic = is_generic_model_card(f.read())
+            if generic:
+                os.remove(readme)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+    def _vision_shape(self) -> SimpleNamespace:
+        """The vision tower's crop and patch size, as a model config holds them (for the token counts)."""
+        size = self.image_processor.size
+        crop = size["height"] if "height" in size else size["shortest_edge"]
+        return SimpleNamespace(vision_config=SimpleNamespace(image_size=crop, patch_size=crop // math.isqrt(self.num_image_tokens)))
+
+    def _video_inputs(self, videos, num_placeholders: int) -> dict:
+        """`pixel_values_videos` (videos, frames, 3, crop, crop) as a numpy array: each frame resized to the crop size
+        (bicubic), rescaled to [0, 1] and normalised with the image processor's mean and std."""
+        import numpy as np
+        from transformers.image_transforms import normalize, resize, to_channel_dimension_format
+        from transformers.image_utils import ChannelDimension, PILImageResampling, infer_channel_dimension_format, to_numpy_array
+
+        if self.video_token_id is None:
+            raise ValueError(f"this tokenizer has no {self.video_token!r} token, so it cannot take videos")
+        if videos is None:
+            raise ValueError(f"the text holds {num_placeholders} {self.video_token!r} placeholders but no videos were given")
+        single = isinstance(videos, np.ndarray) and videos.ndim == 4 or (
+            isinstance(videos, (list, tuple)) and len(videos) and not isinstance(videos[0], (list, tuple, np.ndarray))
+        )
+        videos = [videos] if single else list(videos)
+        if len(videos) != num_placeholders:
+            raise ValueError(
+                f"the text holds {num_placeholders} {self.video_token!r} placeholders for {len(videos)} videos; "
+                "give one placeholder per video"
+            )
+        frame_counts = sorted({len(video) for video in videos})
+        if len(frame_counts) != 1 or frame_counts[0] == 0:
+            raise ValueError(f"every video of a batch needs the same number of frames (at least one); got {frame_counts}")
+        crop = self._vision_shape().vision_config.image_size
+        mean, std = self.image_processor.image_mean, self.image_processor.image_std
+        processed = []
+        for video in videos:
+            frames = []
+            for frame in video:
+                frame = to_numpy_array(frame.convert("RGB") if hasattr(frame, "convert") else frame)
+                layout = infer_channel_dimension_format(frame)
+                frame = resize(frame, (crop, crop), resample=PILImageResampling.BICUBIC, input_data_format=layout)
+                frame = frame.astype(np.float32) / 255.0 if frame.dtype == np.uint8 else frame.astype(np.float32)
+                frame = normalize(frame, mean, std, input_data_format=layout)
+                frames.append(to_channel_dimension_format(frame, ChannelDimension.FIRST, input_channel_dim=layout))
+            processed.append(np.stack(frames))
+        return {"pixel_values_videos": np.stack(processed)}
 
     def _expand_image_tokens(self, texts: list[str], image_inputs) -> list[str]:
         """Replace each image placeholder with the number of image tokens the model makes for that image."""
