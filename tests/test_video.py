@@ -160,3 +160,29 @@ def test_processor_video_errors(processor):
     with pytest.raises(ValueError, match="same number of frames"):
         processor(videos=[frames(2), frames(3)], text=["<video>", "<video>"], padding=True)
     assert processor(videos=[], text="hello", return_tensors="pt").keys() == {"input_ids", "attention_mask"}
+
+
+def test_describe_cost_counts_a_video_as_the_model_runs_it():
+    """FLOPs of a video prompt (every frame through the tower, the LLM over the frames' tokens) against
+    FlopCounterMode on eager attention, for VISOR and for dense LLaVA-OneVision."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from visor_hf.flops import describe_cost
+    from visor_hf.testing import tiny_llava_onevision
+
+    llava = tiny_llava_onevision(attn_implementation="eager")
+    visor = perturb_new_parameters(
+        VisorForConditionalGeneration.from_llava_onevision(llava, cross_attn_layers=[1, 3, 5], self_attn_layers=[1, 4])
+    ).eval()
+    inputs = video_inputs(llava, [(3, 4, 5)])
+
+    def counted(model, **kwargs):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**inputs, logits_to_keep=1, **kwargs)
+        return counter.get_total_flops()
+
+    for budget in (0, "full"):
+        cost = describe_cost(visor, inputs, budget=budget).samples[0]
+        assert cost.num_crops == 4 and cost.num_vision_tokens == video_tokens(llava, 4)
+        assert counted(visor, budget=budget) == pytest.approx(cost.visor["total"], rel=1e-3)
+    assert counted(llava) == pytest.approx(cost.dense["total"], rel=1e-3)

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration_visor import VisorConfig, num_visual_tokens, validate_token_reduction
+from .configuration_visor import VisorConfig, num_video_tokens, num_visual_tokens, validate_token_reduction
 
 LM_HEAD_CHOICES = ("last", "all", "none")
 
@@ -502,7 +502,8 @@ def describe_cost(
     batch = input_ids.shape[0]
     attention_mask = inputs.get("attention_mask")
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    is_visual = (input_ids == config.image_token_id) & valid
+    is_video = (input_ids == config.video_token_id) & valid
+    is_visual = ((input_ids == config.image_token_id) & valid) | is_video
     budget = config.default_budget if budget is None else budget
     budgets = budget if isinstance(budget, list) else [budget] * batch
     if len(budgets) != batch:
@@ -513,7 +514,11 @@ def describe_cost(
     if token_reduction is None:  # as the model's forward: None means the config's default
         token_reduction = config.token_reduction
     token_reduction = validate_token_reduction(token_reduction)
-    crops = _crops_per_sample(config, inputs, [bool(is_visual[b].any()) for b in range(batch)])
+    if token_reduction is not None and bool(is_video.any()):
+        raise ValueError("token reduction applies to images only; count videos with token_reduction='none'")
+    has_image = [bool((is_visual[b] & ~is_video[b]).any()) for b in range(batch)]
+    crops = [images + frames for images, frames in zip(_crops_per_sample(config, inputs, has_image),
+                                                       _video_frames_per_sample(config, inputs, is_video))]
     samples = []
     for b in range(batch):
         num_visual, num_text = int(is_visual[b].sum()), int((valid[b] & ~is_visual[b]).sum())
@@ -534,6 +539,17 @@ def describe_cost(
         kept = flops["num_vision_tokens_kept"] if token_reduction is not None else None
         samples.append(SampleCost(flops["self_attn_layers"], num_visual, num_text, crops[b], flops["visor"], flops["dense"], kept))
     return CostReport(samples)
+
+
+def _video_frames_per_sample(config, inputs: dict, is_video: torch.Tensor) -> list[int]:
+    """Frames the vision encoder runs on per sample (each frame is one crop): a sample's video placeholders over
+    `num_video_tokens` of the batch's frame count give its number of videos."""
+    videos = inputs.get("pixel_values_videos")
+    if videos is None:
+        return [0] * is_video.shape[0]
+    frames = int(videos.shape[1])
+    per_video = num_video_tokens(config, frames)
+    return [int(is_video[b].sum()) // per_video * frames for b in range(is_video.shape[0])]
 
 
 def _crops_per_sample(config, inputs: dict, has_image: list[bool]) -> list[int]:
