@@ -30,7 +30,8 @@ background load hits them alike. CPU uses time.perf_counter, CUDA uses CUDA even
 
 This script measures and writes the rows (`prefill_TAG.json` in --output-dir; a temporary folder with --smoke);
 `report.py` derives ratios and writes the table, target verdicts, plots and the BENCHMARKS.md section, and can
-redo that from the JSON alone. Shapes, clock, memory sampler and the feature patch live in `common.py`.
+redo that from the JSON alone. `--mixed-budgets` (one sample per budget, as one batch, against dense on the same batch
+and the sum of the samples run alone) is described in `mixed_batch_rows.py`. Shapes, clock, memory sampler and the feature patch live in `common.py`.
 
 Usage:
     python benchmarks/bench_prefill.py --smoke                                    # seconds, tiny shapes, temp folder
@@ -39,6 +40,7 @@ Usage:
         --benchmarks-md BENCHMARKS.md
     python benchmarks/bench_prefill.py --device cuda --language-model qwen2-7b --vision-tokens 2916 7290  # compute-bound
     python benchmarks/bench_prefill.py --device cuda --batch-size 8 --vision-tokens 2916                # throughput
+    python benchmarks/bench_prefill.py --tiny-vision --mixed-budgets 0 0 0 0 2 2 4 8 --vision-tokens 1485  # mixed batch
 """
 
 from __future__ import annotations
@@ -82,12 +84,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-sizes", nargs="+", default=None,
                         help="with --token-reduction: one image of each HEIGHTxWIDTH (default 384x384 768x768, "
                              "+ 1152x1152 on CUDA: 1,485, 3,699 and 7,371 visual tokens)")
+    parser.add_argument("--mixed-budgets", nargs="+", default=None, metavar="BUDGET",
+                        help="mixed-budget mode instead: one prompt per budget (e.g. 0 0 0 0 2 2 4 8) run as one batch "
+                             "with budget=[...], against dense on the same batch and next to the sum of each sample "
+                             "run alone (benchmarks/mixed_batch_rows.py)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts run together (the same prompt repeated; default 1). On a GPU a larger batch "
                              "turns launch-bound timings into arithmetic-bound ones")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (memory is sampled there)")
+    parser.add_argument("--quiet-wait", type=float, default=3600.0,
+                        help="CPU: seconds a run may wait in all for other processes to leave the CPU before its "
+                             "timings (default 3600)")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="CPU: times a timing is re-run when other processes took more than a quarter of a core "
+                             "during it (default 3)")
     parser.add_argument("--output-dir", default=None,
                         help="rows (.json), table (.md) and plots (.png); default benchmarks/results, or a new "
                              "temporary folder with --smoke")
@@ -98,16 +110,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--batch-size {args.batch_size}: must be at least 1")
     if args.batch_size > 1 and args.token_reduction:
         parser.error("--batch-size applies without --token-reduction only (the reduction tables are per prompt)")
+    if args.mixed_budgets is not None:
+        check_mixed_args(parser, args)
     if args.smoke:
         args.vision_tokens = args.vision_tokens or [32, 64]
         args.text_tokens, args.new_tokens, args.repeats = 16, 4, 1
     args.vision_tokens = args.vision_tokens or ([729, 1485, 2916, 7290] if args.device == "cuda" else [729, 1485, 2916])
-    args.budgets = args.budgets or (["2"] if args.token_reduction else ["0", "2", "4", "8", "auto"])
+    args.budgets = args.budgets or ([] if args.mixed_budgets else ["2"] if args.token_reduction else ["0", "2", "4", "8", "auto"])
     if not args.token_reduction and (args.image_sizes or "--keep-ratio" in (argv if argv is not None else sys.argv)):
         parser.error("--image-sizes and --keep-ratio apply with --token-reduction only")
     if args.token_reduction:
         check_token_reduction_args(parser, args)
     return args
+
+
+def check_mixed_args(parser, args) -> None:
+    from mixed_batch_rows import parse_mixed_budgets
+
+    if args.token_reduction or args.batch_size > 1 or args.budgets:
+        parser.error("--mixed-budgets sets the batch (one sample per budget): not with --token-reduction, "
+                     "--batch-size or --budgets")
+    try:
+        args.mixed_budgets = parse_mixed_budgets(args.mixed_budgets)
+    except ValueError as error:
+        parser.error(str(error))
+    if len(args.mixed_budgets) < 2:
+        parser.error(f"--mixed-budgets {args.mixed_budgets}: give at least two samples' budgets")
+    args.batch_size = len(args.mixed_budgets)
 
 
 def check_token_reduction_args(parser, args) -> None:
@@ -240,7 +269,10 @@ def describe_run(args, kind: str, visor, clock: Clock, command: str, rows: list[
     """A run as `report.py` reads it: what ran where, and its rows."""
     tag = common.run_tag(args)
     device = args.device.upper() + (", smoke" if args.smoke else "")
-    if kind == "prefill":
+    if kind == "mixed_batch":
+        budgets = " ".join(map(str, args.mixed_budgets))
+        title, section = f"Mixed-budget batch: VISOR [{budgets}] vs dense LLaVA-OV on the same batch ({device})", f"mixed-{tag}"
+    elif kind == "prefill":
         name = common.LANGUAGE_MODELS[args.language_model][0]
         title = (f"Prefill and decode: VISOR vs dense LLaVA-OV ({device}"
                  f"{', ' + name if args.language_model != common.DEFAULT_LANGUAGE_MODEL else ''}"
@@ -280,13 +312,17 @@ def main(argv=None) -> list[dict]:
     llava, visor = common.build_models(args)
     print(f"built in {time.perf_counter() - start:.1f}s; {common.environment(args)}", flush=True)
     budgets = common.parse_budgets(args.budgets, visor)
-    clock = Clock(args.device, retries=0, max_wait=0) if args.smoke else Clock(args.device)  # smoke: timings not taken seriously
+    clock = Clock(args.device, retries=0, max_wait=0) if args.smoke else Clock(args.device, retries=args.retries, max_wait=args.quiet_wait)  # smoke: timings not taken seriously
     generator = torch.Generator().manual_seed(args.seed)
 
     if args.token_reduction:
         import token_reduction_rows
 
         kind, rows = "token_reduction", token_reduction_rows.run(args, llava, visor, budgets, clock, generator)
+    elif args.mixed_budgets:
+        import mixed_batch_rows
+
+        kind, rows = "mixed_batch", mixed_batch_rows.run(args, llava, visor, args.mixed_budgets, clock, generator, run_model)
     else:
         kind, rows = "prefill", measure_prefill(args, llava, visor, budgets, clock, generator)
     run = describe_run(args, kind, visor, clock, command, rows)

@@ -9,10 +9,14 @@ values, in one place (`with_ratios`, `with_reduction_ratios`):
 - prefill rows: FLOPs ratio = dense LLM FLOPs / the row's; speed-up = dense LLM prefill time / the row's;
   speed-up / FLOPs ratio (1.0: the FLOPs saving fully became time); TTFT = vision + LLM prefill. "dense" is the
   dense row of the same N_v.
+- mixed-batch rows (`mixed_batch_TAG.json`, `bench_prefill.py --mixed-budgets`): FLOPs ratio and speed-up against
+  the dense row of the same N_v and group (the batch; one sample alone; the sum of the samples run alone);
+  throughput = samples / prefill seconds, prompt tokens (N_v + N_t per sample) / prefill seconds, and samples /
+  decode seconds a step (generated tokens/s).
 - token-reduction rows: FLOPs ratio = dense LLM FLOPs / (the row's LLM + selection FLOPs); speed-ups of
   selection + prefill and of TTFT (vision + selection + prefill) against the dense row of the same image.
 
-The targets (`check_targets`): speed-up >= 0.8 x FLOPs ratio for budgets >= 2 at N_v >= 1,485;
+The targets (`check_targets`; `mixed_targets`: the mixed batch's speed-up >= 0.8 x its FLOPs ratio): speed-up >= 0.8 x FLOPs ratio for budgets >= 2 at N_v >= 1,485;
 budget 0 >= 20x dense at N_v = 2,916 and <= 1.5x its physical limit; decode per token <= dense; KV bytes <= the
 (|S| + |C|) / L share of dense's visual part plus the text part.
 
@@ -144,6 +148,62 @@ def budget_targets(row: dict, dense: dict, limit: dict, num_layers: int, num_cro
         ok = row["kv_bytes"] * num_layers * (num_visual + num_text) <= dense["kv_bytes"] * numerator
         lines.append(f"- N_v={num_visual} budget {budget}: KV {row['kv_bytes'] / MiB:,.2f} MiB vs bound "
                      f"{bound / MiB:,.2f} MiB ((|S|+|C|)/L of dense's visual part + text part): {verdict(ok)}")
+    return lines
+
+
+def with_mixed_ratios(rows: list[dict]) -> list[dict]:
+    """Mixed-batch rows with flops_ratio, speedup, efficiency against the dense row of their N_v and group, and
+    throughput (samples_per_s, prompt_tokens_per_s, decode_tokens_per_s)."""
+    dense = {(r["num_visual"], r["group"]): r for r in rows if r["model"] == "dense"}
+    derived = []
+    for row in rows:
+        reference = dense[row["num_visual"], row["group"]]
+        flops_ratio, speedup = reference["flops_llm"] / row["flops_llm"], reference["prefill_s"] / row["prefill_s"]
+        derived.append({
+            **row, "flops_ratio": flops_ratio, "speedup": speedup, "efficiency": speedup / flops_ratio,
+            "samples_per_s": row["samples"] / row["prefill_s"],
+            "prompt_tokens_per_s": row["samples"] * (row["num_visual"] + row["num_text"]) / row["prefill_s"],
+            "decode_tokens_per_s": row["samples"] / row["decode_s"],
+        })
+    return derived
+
+
+def budgets_text(row: dict) -> str:
+    return "all dense" if row["budgets"] is None else " ".join(map(str, row["budgets"]))
+
+
+def mixed_table(rows: list[dict]) -> str:
+    """One markdown row per row: the batch, each sample alone, and the sums of the samples run alone."""
+    header = ("| N_v | group | model | samples | budgets | LLM GFLOPs | FLOPs ratio | prefill ms | speed-up "
+              "| speed-up / FLOPs ratio | samples/s | prompt tokens/s | decode ms/step | decode tokens/s | KV MiB (bound) |")
+    lines = [header, "|" + "|".join([" --- "] * (header.count("|") - 1)) + "|"]
+    for r in with_mixed_ratios(rows):
+        kv = f"{r['kv_bytes'] / MiB:,.1f} ({r['kv_bound'] / MiB:,.1f})"
+        lines.append(
+            f"| {r['num_visual']} | {r['group']} | {r['model']} | {r['samples']} | {budgets_text(r)} "
+            f"| {r['flops_llm'] / 1e9:,.1f} | {r['flops_ratio']:.1f}x | {ms(r['prefill_s'])} | {r['speedup']:.1f}x "
+            f"| {r['efficiency']:.2f} | {r['samples_per_s']:,.2f} | {r['prompt_tokens_per_s']:,.0f} "
+            f"| {ms(r['decode_s'])} | {r['decode_tokens_per_s']:,.1f} | {kv} |"
+        )
+    return "\n".join(lines)
+
+
+def mixed_targets(rows: list[dict]) -> list[str]:
+    """The batch's speed-up against 0.8 x its FLOPs ratio; batching against the sum of singles, for each model."""
+    lines = []
+    rows = with_mixed_ratios(rows)
+    for num_visual in sorted({r["num_visual"] for r in rows}):
+        group = {(r["group"], r["model"]): r for r in rows if r["num_visual"] == num_visual}
+        mixed = group["batch", "VISOR mixed"]
+        lines.append(f"- N_v={num_visual} batch [{budgets_text(mixed)}]: speed-up {mixed['speedup']:.2f}x vs FLOPs ratio "
+                     f"{mixed['flops_ratio']:.2f}x ({mixed['efficiency']:.2f} of it; target >= 0.8): "
+                     f"{verdict(mixed['efficiency'] >= 0.8)}")
+        for model in ("VISOR mixed", "dense"):
+            batch, alone = group["batch", model], group["sum of singles", model]
+            lines.append(f"- N_v={num_visual} {model}: the batch prefills {batch['samples_per_s']:.2f} samples/s against "
+                         f"{alone['samples_per_s']:.2f} for its samples one at a time "
+                         f"({alone['prefill_s'] / batch['prefill_s']:.2f}x); decodes {batch['decode_tokens_per_s']:.1f} "
+                         f"tokens/s against {alone['decode_tokens_per_s']:.1f} ({alone['decode_s'] / batch['decode_s']:.2f}x)")
     return lines
 
 
@@ -288,6 +348,28 @@ def prefill_section(run: dict, plots: list[Path]) -> str:
     ])
 
 
+def mixed_section(run: dict) -> str:
+    s = run["settings"]
+    return "\n".join([
+        f"Command: `{run['command']}`",
+        "",
+        f"Machine: {run['machine']}. Code: {run['code']}. Shapes: {run['shapes']}; N_t = {s['text_tokens']} text tokens; "
+        f"the same prompt for every sample; median of {s['repeats']} runs after {s['warmup']} warm-up (each run: "
+        f"every row once, round-robin); decode over {s['new_tokens']} new tokens from the prefill's dynamic cache. "
+        "Vision features are precomputed (not timed). Groups: *batch* = the samples as one batch; *single* = one "
+        "sample alone; *sum of singles* = the samples one after the other (sums of the single rows' medians). FLOPs "
+        "ratio and speed-up are against dense in the same group; what each column measures: "
+        "`benchmarks/mixed_batch_rows.py`.",
+        "",
+        *([background_note(run["clock"])] if background_note(run["clock"]) else []),
+        mixed_table(run["rows"]),
+        "",
+        "Targets and throughput:",
+        "",
+        *mixed_targets(run["rows"]),
+    ])
+
+
 def token_reduction_section(run: dict, figure: Path) -> str:
     s = run["settings"]
     return "\n".join([
@@ -326,8 +408,10 @@ def write(run: dict, output_dir, benchmarks_md=None) -> str:
         text = prefill_section(run, plot_prefill(run["rows"], output_dir, run["tag"]))
     elif run["kind"] == "token_reduction":
         text = token_reduction_section(run, plot_token_reduction(run["rows"], output_dir, run["tag"]))
+    elif run["kind"] == "mixed_batch":
+        text = mixed_section(run)  # a table, no plot
     else:
-        raise ValueError(f"run kind {run['kind']!r}: expected 'prefill' or 'token_reduction'")
+        raise ValueError(f"run kind {run['kind']!r}: expected 'prefill', 'token_reduction' or 'mixed_batch'")
     (output_dir / f"{run['kind']}_{run['tag']}.md").write_text(text + "\n")
     if benchmarks_md:
         update_markdown(Path(benchmarks_md), run["section"], run["title"], text)

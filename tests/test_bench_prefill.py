@@ -196,6 +196,42 @@ def test_token_reduction_rows_match_flops_and_time_the_selection(tmp_path):
     assert (tmp_path / "token_reduction_smoke-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+MIXED = (0, 0, 2, 8)
+
+
+def test_mixed_budget_batch_rows_count_each_samples_flops_and_cache(tmp_path):
+    """--mixed-budgets: the batch's FLOPs are count_flops summed over its samples (dense: B x its own), its cache holds
+    what each sample alone holds, the sum-of-singles rows add up the single rows, and the report's ratios come from
+    the row values."""
+    run_script([str(BENCHMARKS / "bench_prefill.py"), "--smoke", "--output-dir", str(tmp_path), "--vision-tokens", "32",
+                "--mixed-budgets", *map(str, MIXED)], tmp_path)
+    run = json.loads((tmp_path / "mixed_batch_smoke-cpu.json").read_text())
+    rows = {(r["group"], r["model"]): r for r in run["rows"]}
+    assert set(rows) == {("batch", "dense"), ("batch", "VISOR mixed"), ("single", "dense"), ("single", "VISOR 0"),
+                         ("single", "VISOR 2"), ("single", "VISOR 8"), ("sum of singles", "dense"),
+                         ("sum of singles", "VISOR mixed")}
+    config, num_text = smoke_config(), SMOKE_TEXT_TOKENS
+    flops = {b: count_flops(config, 32, num_text, b)["visor"]["llm"] for b in set(MIXED)}
+    dense_flops = count_flops(config, 32, num_text, "full")["dense"]["llm"]
+    kv = lambda b: kv_cache_bytes(config, 32, num_text, b, dtype="float32")["dense" if b == "full" else "visor"]["total"]
+    mixed, dense = rows["batch", "VISOR mixed"], rows["batch", "dense"]
+    assert mixed["flops_llm"] == sum(flops[b] for b in MIXED) and mixed["budgets"] == list(MIXED)
+    assert dense["flops_llm"] == len(MIXED) * dense_flops and mixed["flops_llm"] < dense["flops_llm"] / 2
+    assert mixed["kv_bytes"] == sum(kv(b) for b in MIXED) == sum(rows["single", f"VISOR {b}"]["kv_bytes"] for b in MIXED)
+    assert dense["kv_bytes"] == len(MIXED) * kv("full")
+    for model, parts in [("VISOR mixed", [f"VISOR {b}" for b in MIXED]), ("dense", ["dense"] * len(MIXED))]:
+        total = rows["sum of singles", model]
+        for key in ("prefill_s", "decode_s", "flops_llm", "kv_bytes"):
+            assert total[key] == pytest.approx(sum(rows["single", p][key] for p in parts)), (model, key)
+    table = (tmp_path / "mixed_batch_smoke-cpu.md").read_text()
+    (line,) = [line for line in table.splitlines() if line.startswith("| 32 | batch | VISOR mixed |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[6] == f"{dense['flops_llm'] / mixed['flops_llm']:.1f}x"
+    assert cells[8] == f"{dense['prefill_s'] / mixed['prefill_s']:.1f}x"
+    assert cells[10] == f"{len(MIXED) / mixed['prefill_s']:,.2f}"  # samples/s
+    assert "batch [0 0 2 8]: speed-up" in table
+
+
 def test_count_ops_shows_an_unpadded_decode_step_builds_no_masks():
     """benchmarks/count_ops.py counts operators per step; without padding VISOR's decode step calls none of the
     mask-building operators (`causal_allowed`'s comparison, `attend`'s empty-row check) at any budget."""
