@@ -1294,9 +1294,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             prompt, state = None, cache.prompt
             streams = self.decode_streams(input_ids, inputs_embeds, attention_mask, position_ids, state)
         else:
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
-            cache = (cache if isinstance(cache, VisorCache) else VisorCache()) if use_cache else None
+            cache = self.prompt_cache(cache, use_cache)
             check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, self.config.image_token_id)
             check_video_inputs(input_ids, pixel_values_videos, self.config.video_token_id)
             prompt = self.build_prompt(
@@ -1318,23 +1316,36 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             return VisorModelOutput(
                 self_attn_layers=state.configurations, router_logits=router_logits, routing_mask=routing_mask
             )
-        hidden = self.language_model.norm(streams.text)
-        if output_hidden_states:
-            hidden_states.append(hidden)
-        if streams.text_index is not None:  # prefill: back to the caller's (B, S, H) layout
-            hidden = prompt.restore(streams.text_index, hidden)
-            if output_hidden_states:
-                hidden_states = [prompt.restore(streams.text_index, h) for h in hidden_states]
-            if cache is not None:
-                cache.prompt = state
-                if cache.static_length is not None:
-                    cache.make_static()
-        else:
-            state.advance(streams.text.shape[1])
+        hidden, hidden_states = self.finish(streams, state, prompt, cache, hidden_states)
         return VisorModelOutput(
             last_hidden_state=hidden, **{CACHE_FIELD: cache}, self_attn_layers=state.configurations,
             router_logits=router_logits, hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
+
+    @staticmethod
+    def prompt_cache(cache, use_cache: bool) -> "VisorCache | None":
+        """The cache a prefill fills: the caller's empty VisorCache (e.g. a static one from generate), else a new
+        dynamic one; a cache another model filled cannot be continued."""
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("VISOR continues only from a VisorCache it filled itself; got a non-empty other cache")
+        return (cache if isinstance(cache, VisorCache) else VisorCache()) if use_cache else None
+
+    def finish(self, streams, state, prompt, cache, hidden_states: list | None):
+        """The final norm. At prefill: the caller's (B, S, H) layout, and the cache keeps the prompt state (made static
+        if asked); when decoding: the step's tokens are counted in."""
+        hidden = self.language_model.norm(streams.text)
+        if hidden_states is not None:
+            hidden_states.append(hidden)
+        if prompt is None:
+            state.advance(streams.text.shape[1])
+            return hidden, hidden_states
+        if hidden_states is not None:
+            hidden_states = [prompt.restore(streams.text_index, h) for h in hidden_states]
+        if cache is not None:
+            cache.prompt = state
+            if cache.static_length is not None:
+                cache.make_static()
+        return prompt.restore(streams.text_index, hidden), hidden_states
 
     def layer_step(self, layer_idx: int, streams: VisorStreams, state: VisorPromptState, cache) -> None:
         """One language-model layer, then its cross-attention if it has one; updates `streams`. Prefill and decode
