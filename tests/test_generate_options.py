@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from visor_hf import VisorForConditionalGeneration
-from visor_hf.configuration_visor import TRANSFORMERS_V5
 from visor_hf.modeling_visor import CACHE_FIELD, VisorCache
 from visor_hf.testing import IMAGE_TOKEN_ID, tiny_inputs
 
@@ -52,10 +51,6 @@ def test_prompt_lookup_gives_greedy_tokens(visor, one_sample):
     assert torch.equal(lookup, plain)
 
 
-@pytest.mark.xfail(
-    TRANSFORMERS_V5, strict=True, raises=ValueError,
-    reason="open: 5.x's assisted decoding calls the assistant's prefill without pixel_values",
-)
 def test_assisted_decoding_gives_greedy_tokens(visor, one_sample):
     plain = visor.generate(**one_sample, budget=1, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assisted = visor.generate(**one_sample, budget=1, max_new_tokens=10, do_sample=False, pad_token_id=0, assistant_model=visor)

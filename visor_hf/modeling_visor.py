@@ -1613,14 +1613,17 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         return out.self_attn_layers
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, **kwargs):
-        """Images are read at prefill only: drop pixel_values once the cache holds the prompt (4.57 passes
-        them at every step otherwise)."""
+        """Images and videos are read at prefill only: drop them once the cache holds the prompt (4.57 passes them at
+        every step otherwise), and keep them until it does (5.x drops them after the first iteration of a generate
+        call, which is not the prefill of an assistant model's cache)."""
         prompt_done = any(isinstance(c, VisorCache) and c.prompt is not None for c in (past_key_values, cache))
         cache_kwargs = {CACHE_FIELD: cache if cache is not None else past_key_values}
         model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_kwargs, **kwargs)
-        if prompt_done:
-            for name in ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos"):
+        for name in ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos"):
+            if prompt_done:
                 model_inputs.pop(name, None)
+            elif kwargs.get(name) is not None:  # 5.x drops them after its first iteration (an assistant's prefill)
+                model_inputs[name] = kwargs[name]
         return model_inputs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
