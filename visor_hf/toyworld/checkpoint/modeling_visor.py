@@ -886,6 +886,11 @@ class VisorCache(DynamicCache):
         for groups in self.row_groups.values():
             for group in groups:
                 group.decoded = self.prompt.decoded
+        # Buffers a compiled step writes in place keep their address: CUDA graphs may capture them (as transformers'
+        # StaticCache marks its keys and values)
+        state = self.prompt
+        for tensor in [h.keys for _, h in holders] + [h.values for _, h in holders] + [state.text_valid, state.dense_valid, state.decoded]:
+            torch._dynamo.mark_static_address(tensor)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx in self.static_start:
