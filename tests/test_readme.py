@@ -41,6 +41,7 @@ SKIPPED_BLOCKS = {
     ("help", "M=visor-0.5b; D=train.jsonl; I=images/"),
     ("help", "# 0.5B: plain DDP, or DeepSpeed ZeRO-2; bf16 on Ampere and newer"),
     ("skip", "bash benchmarks/gpu_run.sh"),
+    ("skip", "bash benchmarks/gpu_run.sh --smoke"),
     ("help", "python benchmarks/bench_prefill.py --benchmarks-md BENCHMARKS.md        # VISOR vs dense LLaVA-OV: prefill, decode, KV, FLOPs"),
 }
 SHELL_TIMEOUT = 600
