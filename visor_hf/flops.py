@@ -491,8 +491,8 @@ def describe_cost(
     them). Pass the `self_attn_layers` of the output (`model(**inputs, budget=...)` returns one tuple per sample)
     to report what ran, which is required for budget="auto" (its router cost is then added); otherwise the
     configuration comes from `budget` (a fixed budget or a list with one per sample; default
-    `config.default_budget`). Each sample is counted as it would run alone: a batch mixing configurations
-    runs the union of their layers on padded buffers, so its wall time follows the most expensive sample.
+    `config.default_budget`). Each sample is counted as it would run alone, which is what a batch mixing
+    configurations costs (each group of samples runs a layer as what it is), padding aside.
     With token reduction (`token_reduction`, the setting of the call; None: `config.token_reduction`, as the model
     does), each sample is counted on its surviving visual tokens, the selection included; that needs one image
     per sample (its size fixes the layout). `token_reduction="none"` counts without reduction.

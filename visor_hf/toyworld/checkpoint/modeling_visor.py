@@ -27,11 +27,15 @@ Design choices:
 - Masks are boolean, True = may attend; None where SDPA's own causal / no-mask kernel serves. A row with no allowed
   key (padding, text before the first image in cross-attention) returns zeros instead of NaN. `VisorPromptState`
   answers which mask a layer needs; which layers run is decided on the host, once per prompt.
-- Batches mixing configurations run the union of their layers; a sample that did not choose a layer has its visual
-  keys masked out there and its visual tokens left unchanged, so it gets exactly what it gets alone.
+- A sample pays for what it runs. At a layer that some samples of a batch run on [V; T] and others skip, each group
+  runs as what it is (`split_layer_step`: the dense layer on the one sub-batch, the text-only layer on the other) and
+  keeps a cache of its own (`RowGroupCache`), so each sample gets exactly what it gets alone, at its own cost.
 - One cache object (`VisorCache`, a `DynamicCache`) indexed by layer: text-only layers cache text keys and values,
-  self-attention layers cache visual + text, and the cross-attention keys/values of the visual tokens are computed
-  once at prefill and kept in its `prompt` state. Decoding never touches visual tokens outside S and C.
+  self-attention layers cache visual + text (per group where the samples differ), and the cross-attention
+  keys/values of the visual tokens are computed once at prefill and kept in its `prompt` state. Decoding never
+  touches visual tokens outside S and C. `VisorCache(max_cache_len=N)` (what `generate(cache_implementation=
+  "static")` makes) preallocates every layer after the prefill, so a decoding step has fixed shapes and no host sync
+  and compiles whole (`torch.compile(fullgraph=True)`, CUDA graphs).
 - Videos (`pixel_values_videos`) are LLaVA-OneVision's: each frame through the tower, pooled 2 x 2, one newline
   token after the last frame. A video is one item of the visual stream, like an image: its frames' tokens, in order,
   are one sequence for the CPE (which convolves across frame boundaries, as over an image's rows), and text placed
