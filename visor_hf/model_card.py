@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .configuration_visor import num_visual_tokens  # the one count of visual tokens (re-exported here)
+from .configuration_visor import model_card_usage, num_visual_tokens  # num_visual_tokens: the one count (re-exported)
 from .flops import count_flops, num_crops_for_image
 
 TYPICAL_IMAGE = (480, 640)  # (height, width): a VGA photo
@@ -90,20 +90,10 @@ Prefill FLOPs relative to the dense LLaVA-OneVision, for one {TYPICAL_IMAGE[1]}x
 
 ## Usage
 
-```python
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor  # transformers 5.x
-# transformers 4.57: from transformers import AutoModelForVision2Seq as AutoModelForImageTextToText
+{model_card_usage(name, '"full"')}
 
-model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in this image?"}}]}}]
-text = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=Image.open("photo.jpg"), text=text, return_tensors="pt")
-out = model.generate(**inputs, budget="full", max_new_tokens=64)  # or budget=k, or "auto" once the router is trained
-print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
+`budget="full"` above; `budget=k` picks the configuration with k self-attention layers, and `"auto"` the router's
+choice once the router is trained.
 
 Works with transformers 4.57 (`AutoModelForVision2Seq`) and 5.x (`AutoModelForImageTextToText`); `AutoModel`
 gives the model without its language-model head. No torchvision is needed.

@@ -382,6 +382,22 @@ def is_generic_model_card(text: str | None) -> bool:
     return not text or not text.strip() or any(marker in text for marker in GENERIC_MODEL_CARD_MARKERS)
 
 
+def model_card_usage(name: str, budget: str) -> str:
+    """The model cards' "how to load" block (this file's card and the converter's): `budget` as written in the code."""
+    return f"""```python
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor  # 4.57: AutoModelForVision2Seq also works
+
+model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in this image?"}}]}}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=Image.open("photo.jpg"), text=text, return_tensors="pt")
+out = model.generate(**inputs, budget={budget}, max_new_tokens=64)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```"""
+
+
 def model_card_text(config, repo_id: str | None = None) -> str:
     """A model card (README.md) for a VISOR checkpoint, from its config alone: Hub metadata, where VISOR's layers
     sit, the budgets and how to load it on both transformers lines.
@@ -436,18 +452,7 @@ visual tokens. Visual tokens are never pruned. The model code ships in this repo
 
 ## How to load
 
-```python
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in this image?"}}]}}]
-text = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=Image.open("photo.jpg"), text=text, return_tensors="pt")
-out = model.generate(**inputs, budget="{example_budget}", max_new_tokens=64)
-print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
+{model_card_usage(name, f'"{example_budget}"')}
 
 Works with transformers 4.57 and 5.x (`AutoModelForVision2Seq` on 4.57 too). No torchvision is needed for images.
 """
