@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -35,3 +37,39 @@ def visor(llava):
         llava, cross_attn_layers=[1, 3, 5], self_attn_layers=[1, 4]
     ).eval()
     return perturb_new_parameters(model)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The Hub as a dict {repo_id: {path: bytes}}: commits add files, `ModelCard.load` reads README.md from it."""
+    import huggingface_hub
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import EntryNotFoundError
+
+    repos: dict[str, dict[str, bytes]] = {}
+
+    def create_repo(*args, **kwargs):
+        repo_id = kwargs.get("repo_id") or next(a for a in args if isinstance(a, str))
+        repos.setdefault(repo_id, {})
+        return SimpleNamespace(repo_id=repo_id, url=f"https://huggingface.co/{repo_id}")
+
+    def create_commit(*args, **kwargs):
+        repo_id = kwargs.get("repo_id") or next(a for a in args if isinstance(a, str))
+        for op in kwargs["operations"]:
+            content = op.path_or_fileobj
+            data = open(content, "rb").read() if isinstance(content, str) else bytes(getattr(content, "read", lambda: content)())
+            repos.setdefault(repo_id, {})[op.path_in_repo] = data
+        return SimpleNamespace(commit_url="https://huggingface.co/commit/0", oid="0" * 40, pr_url=None)
+
+    def load_card(repo_id, *args, **kwargs):
+        if "README.md" not in repos.get(repo_id, {}):
+            raise EntryNotFoundError(f"{repo_id} has no README.md")
+        return ModelCard(repos[repo_id]["README.md"].decode())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: create_repo(*a, **k))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, *a, **k: create_commit(*a, **k))
+    monkeypatch.setattr(transformers_hub, "create_repo", create_repo, raising=False)  # 4.57's module-level calls
+    monkeypatch.setattr(transformers_hub, "create_commit", create_commit, raising=False)
+    monkeypatch.setattr(ModelCard, "load", classmethod(lambda cls, repo_id, *a, **k: load_card(repo_id, *a, **k)))
+    return repos

@@ -5,12 +5,10 @@ tests/test_convert.py), while transformers' own `create_and_tag_model_card` runs
 one a real push would upload.
 """
 
-from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
 from huggingface_hub import ModelCard
-from huggingface_hub.utils import EntryNotFoundError
 
 from visor_hf import VisorForConditionalGeneration, VisorProcessor
 from visor_hf.configuration_visor import is_generic_model_card, model_card_text
@@ -25,36 +23,9 @@ def toy():
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    """The Hub as a dict {repo_id: {path: bytes}}: commits add files, `ModelCard.load` reads README.md from it."""
-    import transformers.utils.hub as transformers_hub
-
-    repos: dict[str, dict[str, bytes]] = {}
-
-    def create_repo(*args, **kwargs):
-        repo_id = kwargs.get("repo_id") or next(a for a in args if isinstance(a, str))
-        repos.setdefault(repo_id, {})
-        return SimpleNamespace(repo_id=repo_id, url=f"https://huggingface.co/{repo_id}")
-
-    def create_commit(*args, **kwargs):
-        repo_id = kwargs.get("repo_id") or next(a for a in args if isinstance(a, str))
-        for op in kwargs["operations"]:
-            content = op.path_or_fileobj
-            data = open(content, "rb").read() if isinstance(content, str) else bytes(getattr(content, "read", lambda: content)())
-            repos.setdefault(repo_id, {})[op.path_in_repo] = data
-        return SimpleNamespace(commit_url="https://huggingface.co/commit/0", oid="0" * 40, pr_url=None)
-
-    def load_card(repo_id, *args, **kwargs):
-        if "README.md" not in repos.get(repo_id, {}):
-            raise EntryNotFoundError(f"{repo_id} has no README.md")
-        return ModelCard(repos[repo_id]["README.md"].decode())
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: create_repo(*a, **k))
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, *a, **k: create_commit(*a, **k))
-    monkeypatch.setattr(transformers_hub, "create_repo", create_repo, raising=False)  # 4.57's module-level calls
-    monkeypatch.setattr(transformers_hub, "create_commit", create_commit, raising=False)
-    monkeypatch.setattr(ModelCard, "load", classmethod(lambda cls, repo_id, *a, **k: load_card(repo_id, *a, **k)))
-    return repos
+def hub(offline_hub):
+    """The Hub as a dict {repo_id: {path: bytes}} (conftest's `offline_hub`)."""
+    return offline_hub
 
 
 def card(files) -> str:

@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 
@@ -141,41 +140,6 @@ def write_lmms_task(folder: pathlib.Path) -> None:
     (folder / "my_task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "my_task.yaml").write_text(TASK_YAML.format(task="my_task", data=folder / "my_task.jsonl"))
     (folder / "utils.py").write_text(UTILS)
-
-
-@pytest.fixture
-def offline_hub(monkeypatch):
-    """Hub uploads recorded instead of sent: {repo_id: {path: bytes}}."""
-    import huggingface_hub
-    import transformers.utils.hub as transformers_hub
-    from huggingface_hub import ModelCard
-    from huggingface_hub.utils import EntryNotFoundError
-
-    repos: dict[str, dict[str, bytes]] = {}
-
-    def create_repo(*args, **kwargs):
-        repo_id = kwargs.get("repo_id") or next(a for a in args if isinstance(a, str))
-        repos.setdefault(repo_id, {})
-        return SimpleNamespace(repo_id=repo_id, url=f"https://huggingface.co/{repo_id}")
-
-    def create_commit(*args, **kwargs):
-        repo_id = kwargs.get("repo_id") or next(a for a in args if isinstance(a, str))
-        for op in kwargs["operations"]:
-            content = op.path_or_fileobj
-            repos[repo_id][op.path_in_repo] = open(content, "rb").read() if isinstance(content, str) else b""
-        return SimpleNamespace(commit_url="https://huggingface.co/commit/0", oid="0" * 40, pr_url=None)
-
-    def load_card(cls, repo_id, *args, **kwargs):
-        if "README.md" not in repos.get(repo_id, {}):
-            raise EntryNotFoundError(f"{repo_id} has no README.md")
-        return ModelCard(repos[repo_id]["README.md"].decode())
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: create_repo(*a, **k))
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, *a, **k: create_commit(*a, **k))
-    monkeypatch.setattr(transformers_hub, "create_repo", create_repo, raising=False)
-    monkeypatch.setattr(transformers_hub, "create_commit", create_commit, raising=False)
-    monkeypatch.setattr(ModelCard, "load", classmethod(load_card))
-    return repos
 
 
 def test_python_blocks_run_in_order(workdir, offline_hub, monkeypatch):
