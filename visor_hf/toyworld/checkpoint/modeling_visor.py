@@ -498,9 +498,12 @@ def init_new_module(module: nn.Module, std: float) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, image_token_id: int):
+def check_prompt_inputs(
+    input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, config
+) -> tuple[int, int]:
     """The one check of a prompt's inputs, before anything runs: each error names the argument, the shape or value seen
-    and what is expected. Accepts what LLaVA-OneVision accepts (e.g. int32 ids, which `forward` makes int64)."""
+    and what is expected. Accepts what LLaVA-OneVision accepts (e.g. int32 ids, which `forward` makes int64).
+    Returns the image and video placeholder counts of input_ids (read from the device in one host sync)."""
     if input_ids is None:
         raise ValueError("VISOR needs input_ids: image placeholders are found by token id")
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
@@ -516,7 +519,16 @@ def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, 
             f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected {tuple(input_ids.shape)} + (hidden size,), "
             "one embedding per token of input_ids (VISOR also needs input_ids to find the image placeholders)"
         )
-    num_placeholders = int((input_ids == image_token_id).sum())
+    counts = torch.stack([(input_ids == config.image_token_id).sum(), (input_ids == config.video_token_id).sum()])
+    num_placeholders, num_video_placeholders = counts.tolist()
+    check_video_inputs(pixel_values_videos, num_video_placeholders, config.video_token_id)
+    check_image_inputs(pixel_values, image_sizes, num_placeholders, config.image_token_id)
+    return num_placeholders, num_video_placeholders
+
+
+def check_image_inputs(pixel_values, image_sizes, num_placeholders: int, image_token_id: int) -> None:
+    """Images as LLaVA-OneVision takes them: image_sizes (images, 2) beside pixel_values, and image placeholders in
+    input_ids exactly when images are given."""
     if pixel_values is None:
         if num_placeholders:
             raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
@@ -536,10 +548,10 @@ def check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, 
         )
 
 
-def check_video_inputs(input_ids, pixel_values_videos, video_token_id: int) -> None:
+def check_video_inputs(pixel_values_videos, num_placeholders: int, video_token_id: int) -> None:
     """Videos as LLaVA-OneVision takes them: pixel_values_videos (videos, frames, channels, height, width), and video
     placeholders in input_ids exactly when videos are given."""
-    has_placeholders = bool((input_ids == video_token_id).any())
+    has_placeholders = num_placeholders > 0
     if pixel_values_videos is None:
         if has_placeholders:
             raise ValueError(f"input_ids hold video placeholder tokens (id {video_token_id}) but pixel_values_videos is None")
@@ -757,10 +769,11 @@ class VisorPrompt:
         if self.image_ids is None:
             self.image_ids = torch.full_like(self.input_ids, -1)
 
-    def place_media(self, placeholders: torch.Tensor, lengths: list[int], first_id: int = 0, kind: str = "image"):
+    def place_media(
+        self, placeholders: torch.Tensor, num_placeholders: int, lengths: list[int], first_id: int = 0, kind: str = "image"
+    ):
         """Number one modality's items (`kind`: images or videos, `lengths` placeholders each, in prompt order) from
-        `first_id` in `image_ids`, checking their placeholders (B, S) against the features' count."""
-        num_placeholders = int(placeholders.sum())
+        `first_id` in `image_ids`, checking their `num_placeholders` placeholders (mask (B, S)) against the features."""
         if sum(lengths) != num_placeholders:
             raise ValueError(
                 f"{kind.capitalize()} features and {kind} tokens do not match: {num_placeholders} {kind} placeholder "
@@ -1304,11 +1317,12 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             streams = self.decode_streams(input_ids, inputs_embeds, attention_mask, position_ids, state)
         else:
             cache = self.prompt_cache(cache, use_cache)
-            check_prompt_inputs(input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, self.config.image_token_id)
-            check_video_inputs(input_ids, pixel_values_videos, self.config.video_token_id)
+            counts = check_prompt_inputs(
+                input_ids, attention_mask, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, self.config
+            )
             prompt = self.build_prompt(
                 input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
-                token_reduction, pixel_values_videos,
+                token_reduction, pixel_values_videos, counts,
             )
             streams, state = self.split_prompt(prompt, self.resolve_budget(budget, input_ids.shape[0]))
         router_logits = routing_mask = None
@@ -1416,11 +1430,12 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
     def build_prompt(
         self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask, position_ids, batch_num_images,
-        token_reduction, pixel_values_videos=None,
+        token_reduction, pixel_values_videos=None, placeholder_counts: tuple[int, int] = (0, 0),
     ) -> "VisorPrompt":
         """The dense sequence as LLaVA-OneVision builds it: text embeddings with the visual features at the image and
         video placeholders, RoPE positions of the dense sequence; with token reduction, only the surviving tokens.
-        Each image or video is one item of `image_ids`: its tokens are one sequence for the CPE and cross-attention."""
+        Each image or video is one item of `image_ids`: its tokens are one sequence for the CPE and cross-attention.
+        `placeholder_counts`: the image and video placeholders of input_ids, as `check_prompt_inputs` returns them."""
         batch, length = input_ids.shape
         reduction = self.resolve_token_reduction(token_reduction)
         embeds = inputs_embeds if inputs_embeds is not None else self.language_model.embed_tokens(input_ids)
@@ -1429,21 +1444,22 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         is_image, is_video = input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
         prompt = VisorPrompt(input_ids, embeds, is_image | is_video, valid, position_ids, length)
-        num_images, num_videos = torch.stack([is_image.sum(), is_video.sum()]).tolist()  # one host sync for both
+        num_images, num_videos = placeholder_counts  # placeholder tokens of each kind
         if num_videos and reduction is not None:
             raise ValueError("token_reduction applies to images only; give videos without it (token_reduction='none')")
         if num_images and reduction is not None:  # placeholders of reduced-away tokens go; survivors keep positions
             features, kept = self.reduce_visual_tokens(pixel_values, image_sizes, batch_num_images, reduction)
-            prompt.place_media(is_image, [k.shape[0] for k in kept])
+            prompt.place_media(is_image, num_images, [k.shape[0] for k in kept])
             prompt.compact(*compact_kept_tokens(prompt.is_visual, kept))
             prompt.scatter_features(prompt.is_visual, features)
         elif num_images:
             features = self.visual_features(pixel_values, image_sizes, batch_num_images)
-            prompt.place_media(is_image, [f.shape[0] for f in features])
+            prompt.place_media(is_image, num_images, [f.shape[0] for f in features])
             prompt.scatter_features(is_image, features)
-        if num_videos:
+        if num_videos:  # video items are numbered after the image items
+            first_id = len(features) if num_images else 0
             features = self.video_features(pixel_values_videos)
-            prompt.place_media(is_video, [f.shape[0] for f in features], first_id=num_images, kind="video")
+            prompt.place_media(is_video, num_videos, [f.shape[0] for f in features], first_id=first_id, kind="video")
             prompt.scatter_features(is_video, features)
         return prompt
 
