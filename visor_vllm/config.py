@@ -1,0 +1,50 @@
+"""The config vLLM reads for a VISOR checkpoint: `visor_hf`'s `VisorConfig` plus what serving needs.
+
+- `is_encoder_decoder = True`: vLLM runs VISOR as an encoder-decoder model (the encoder is SigLIP + projector +
+  anyres packing; the decoder prompt holds the text only), so every text layer's KV cache holds text only and the
+  cross-attention caches hold the visual keys/values once, sized by the encoder length. It is set here and not in
+  config.json, where transformers' `generate` would take the model for an encoder-decoder one.
+- A top-level `rope_parameters` with an `mrope_section`: vLLM then asks the model for each prompt's positions
+  (`get_mrope_input_positions`), which is how the text tokens get their positions in LLaVA-OneVision's dense
+  sequence back. The three rows are equal, so the rotary embedding is Qwen2's plain 1-D one.
+- `decoder_start_token_id`: vLLM requires one; it is never used (`skip_decoder_start_token` in the processor).
+- `serve_self_attn_layers`: the fixed self-attention set S of this deployment (empty: budget 0). Set it at launch
+  with `hf_overrides={"serve_self_attn_layers": [5]}`.
+
+`register_config` puts the class in vLLM's config registry, so `LLM(model=DIR)` needs no `trust_remote_code` and no
+overrides.
+"""
+
+from __future__ import annotations
+
+from visor_hf.configuration_visor import VisorConfig
+
+
+class VisorServingConfig(VisorConfig):
+    """`VisorConfig` as vLLM serves it (see the module docstring)."""
+
+    def __init__(self, serve_self_attn_layers: list[int] | tuple[int, ...] = (), **kwargs):
+        kwargs.pop("is_encoder_decoder", None)
+        super().__init__(**kwargs)
+        self.is_encoder_decoder = True
+        # vLLM asks every encoder-decoder config for one, though the processor prepends nothing to the decoder prompt
+        self.decoder_start_token_id = self.text_config.pad_token_id or 0
+        head_dim = getattr(self.text_config, "head_dim", None) or (
+            self.text_config.hidden_size // self.text_config.num_attention_heads
+        )
+        self.rope_parameters = {"rope_type": "default", "mrope_section": [head_dim // 2, 0, 0]}
+        self.serve_self_attn_layers = sorted(int(layer) for layer in serve_self_attn_layers)
+        allowed = {tuple(c) for c in self.configurations} | {tuple(self.self_attn_layers)}
+        if tuple(self.serve_self_attn_layers) not in allowed:
+            raise ValueError(
+                f"serve_self_attn_layers={self.serve_self_attn_layers}: not one of config.configurations "
+                f"{sorted(allowed)}"
+            )
+
+
+def register_config() -> None:
+    """Register `VisorServingConfig` for `model_type="visor"` in vLLM's config registry (a private dict of
+    `vllm.transformers_utils.config`)."""
+    from vllm.transformers_utils import config as vllm_config
+
+    vllm_config._CONFIG_REGISTRY["visor"] = VisorServingConfig

@@ -1,0 +1,426 @@
+"""VISOR (VISion On Request) as a vLLM encoder-decoder model, at budget 0 (no self-attention layer over the visual
+tokens).
+
+    encoder:  pixels --SigLIP--projector--anyres pack (+image_newline)--> V       (embed_multimodal, per image)
+    decoder:  text tokens only, at LLaVA-OneVision's dense RoPE positions
+              for layer l:  T = Qwen2Layer_l(T)                                   (KV cache: text only)
+                            if l in cross_attn_layers: T = T + tanh(g_l) * XAttn_l(T, CPE_l(V))   (KV cache: V once)
+
+Design choices:
+- vLLM's own pieces where they exist: `Qwen2DecoderLayer` (paged KV cache, `FullAttentionSpec`), `CrossAttention`
+  (`CrossAttentionSpec`, sized by the encoder length and written once at prefill). The vision tower, projector and
+  anyres packing are transformers' LLaVA-OneVision modules, run the way `visor_hf` runs them, so the visual tokens are
+  the same; the CPE is `visor_hf`'s module. vLLM's llava modules are not imported (they need torchvision).
+- Positions: the decoder prompt has no image placeholders, so vLLM's positions would be wrong. The model computes
+  each prompt's dense positions itself through vLLM's M-RoPE hook (`get_mrope_input_positions`, three equal rows,
+  decode continues at `+ encoder length`), and the text layers read the first row.
+- Image-causal cross-attention: a text token reads only the images placed before it in the prompt (text before the
+  first image reads none). At prefill, the number of visual tokens a text token may read is its dense position minus
+  its index in the decoder prompt; those rows are recomputed from the fresh keys/values with that mask (prefill is
+  never chunked in vLLM's encoder-decoder mode). At decode every image precedes the new token, so vLLM's cached
+  cross-attention is exact. A request without images reads nothing: its cross-attention output is zero.
+- Weight loading maps `visor_hf`'s checkpoint names onto the fused vLLM parameters and checks every tensor; the
+  router's weights are read and ignored (the budget is fixed at launch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionModel,
+    LlavaOnevisionMultiModalProjector,
+    image_size_to_num_patches,
+)
+
+from visor_hf.modeling_visor import VisorCPE
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.attention import CrossAttention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModal
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from .processing import VisorDummyInputsBuilder, VisorMultiModalProcessor, VisorProcessingInfo
+
+# --------------------------------------------------------------------------------------------------
+# Encoder: SigLIP + projector + anyres packing
+# --------------------------------------------------------------------------------------------------
+
+
+class VisorVisionEncoder(nn.Module):
+    """LLaVA-OneVision's visual tokens of one image, as `visor_hf` (transformers' `get_image_features`) makes them.
+
+    Holds the checkpoint's `vision_tower`, `multi_modal_projector` and `image_newline` (names unchanged) and `config`,
+    which transformers' `pack_image_features` reads."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+
+    def forward(self, crops: torch.Tensor, image_size: torch.Tensor, multi_image: bool) -> torch.Tensor:
+        """crops (num_crops, 3, H, W) of one image of `image_size` (H, W) -> its visual tokens (N, hidden). An image
+        of a multi-image prompt uses its base crop only (LLaVA-OneVision's multi-image treatment)."""
+        config = self.config
+        num_crops = 1 if multi_image else image_size_to_num_patches(
+            image_size, config.image_grid_pinpoints, config.vision_config.image_size
+        )
+        outputs = self.vision_tower(crops[:num_crops], output_hidden_states=True, return_dict=True)
+        features = outputs.hidden_states[config.vision_feature_layer]  # (num_crops, tokens per crop, vision hidden)
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        features = self.multi_modal_projector(features)
+        packed, _ = LlavaOnevisionModel.pack_image_features(
+            self, [features], image_size[None], image_newline=self.image_newline,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        )
+        return packed[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# What a step's batch looks like: which rows are prompts, which visual tokens each prompt reads
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptRows:
+    """One prompt being prefilled in this step: its rows of the flattened batch, its visual tokens in the step's
+    encoder output, and how many of them each of its text tokens may read (image-causal)."""
+
+    rows: slice
+    visual: slice
+    visible: torch.Tensor  # (num_rows,)
+
+
+@dataclass
+class StepLayout:
+    """The requests of one forward step as the cross-attention needs them, read from vLLM's attention metadata:
+    prompts being prefilled (`prompts`) and the rows of requests that have no visual tokens (`no_visual_rows`)."""
+
+    prompts: list[PromptRows]
+    no_visual_rows: list[slice]
+
+    @classmethod
+    def current(cls, text_layer: str, cross_layer: str, dense_positions: torch.Tensor) -> "StepLayout | None":
+        """The layout of the running step; None outside a step with attention metadata (profiling runs).
+
+        A request is being prefilled when its sequence length equals its query length (vLLM's encoder-decoder mode
+        has no chunked prefill and no prefix caching); its encoder outputs come in batch order."""
+        if not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if not isinstance(metadata, dict) or text_layer not in metadata or cross_layer not in metadata:
+            return None
+        starts = metadata[text_layer].query_start_loc.tolist()
+        num_requests = len(starts) - 1
+        seq_lens = metadata[text_layer].seq_lens[:num_requests].tolist()
+        encoder_lens = metadata[cross_layer].seq_lens[:num_requests].tolist()
+        prompts, no_visual_rows, visual_start = [], [], 0
+        for start, end, seq_len, encoder_len in zip(starts, starts[1:], seq_lens, encoder_lens):
+            rows = slice(start, end)
+            if encoder_len == 0:
+                no_visual_rows.append(rows)
+            elif seq_len == end - start:  # a prompt: its text offsets give each token's visible visual tokens
+                index_in_prompt = torch.arange(end - start, device=dense_positions.device)
+                visible = dense_positions[rows] - index_in_prompt
+                prompts.append(PromptRows(rows, slice(visual_start, visual_start + encoder_len), visible))
+                visual_start += encoder_len
+        return cls(prompts, no_visual_rows)
+
+
+def attend_visible(query, key, value, visible, num_kv_heads: int, scale: float) -> torch.Tensor:
+    """query (Q, h * d); key/value (E, kvh * d); visible (Q,): query q reads keys [0, visible[q]). Returns (Q, h * d);
+    a query that may read nothing gets zeros."""
+    num_queries, num_keys = query.shape[0], key.shape[0]
+    head_dim = key.shape[1] // num_kv_heads
+    num_heads = query.shape[1] // head_dim
+    q = query.view(num_queries, num_heads, head_dim).transpose(0, 1)  # (h, Q, d)
+    k = key.view(num_keys, num_kv_heads, head_dim).transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, 0)
+    v = value.view(num_keys, num_kv_heads, head_dim).transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, 0)
+    allowed = torch.arange(num_keys, device=query.device)[None, :] < visible[:, None]  # (Q, E)
+    has_key = allowed.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(allowed | ~has_key)[None], scale=scale)
+    return (out * has_key.to(out.dtype)).transpose(0, 1).reshape(num_queries, -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoder: Qwen2 layers (text only) and gated cross-attention
+# --------------------------------------------------------------------------------------------------
+
+
+class VisorCrossAttention(nn.Module):
+    """Gated cross-attention: text queries read CPE(V)'s keys/values, cached once by vLLM's `CrossAttention`.
+    Parameter names are `visor_hf`'s, with k_proj/v_proj fused into `kv_proj`."""
+
+    def __init__(self, text_config, cpe_kernel_size: int, cache_config, quant_config, prefix: str):
+        super().__init__()
+        hidden = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.num_kv_heads = text_config.num_key_value_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or hidden // self.num_heads
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.cpe = VisorCPE(hidden, cpe_kernel_size)
+        self.visual_norm = RMSNorm(hidden, eps=text_config.rms_norm_eps)
+        self.text_norm = RMSNorm(hidden, eps=text_config.rms_norm_eps)
+        self.q_proj = ColumnParallelLinear(hidden, self.num_heads * self.head_dim, bias=True, quant_config=quant_config,
+                                           prefix=f"{prefix}.q_proj")
+        self.kv_proj = MergedColumnParallelLinear(hidden, [self.kv_size] * 2, bias=True, quant_config=quant_config,
+                                                  prefix=f"{prefix}.kv_proj")
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, hidden, bias=False, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj")
+        self.gate = nn.Parameter(torch.zeros(1))
+        self.attn = CrossAttention(self.num_heads, self.head_dim, self.scale, num_kv_heads=self.num_kv_heads,
+                                   cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn")
+
+    def forward(self, text: torch.Tensor, visual: "VisualTokens | None", layout: StepLayout | None) -> torch.Tensor:
+        """text (N, hidden) of the step's tokens; `visual`: the step's new visual tokens (prefill), else None."""
+        query, _ = self.q_proj(self.text_norm(text))
+        key = value = None
+        if visual is not None:
+            tokens = self.cpe(visual.tokens[None], visual.image_ids[None])[0]
+            kv, _ = self.kv_proj(self.visual_norm(tokens))
+            key, value = kv.split([self.kv_size, self.kv_size], dim=-1)
+        out = self.attn(query, key, value)  # writes the visual keys/values at prefill; reads them at decode
+        if layout is not None:
+            out = self.image_causal(out, query, key, value, layout)
+        out, _ = self.o_proj(out)
+        return text + torch.tanh(self.gate).to(text.dtype) * out
+
+    def image_causal(self, out, query, key, value, layout: StepLayout) -> torch.Tensor:
+        """Prompt rows read only the images before them (recomputed from the fresh keys/values); requests without
+        visual tokens read nothing."""
+        out = out.clone()
+        for prompt in layout.prompts:
+            out[prompt.rows] = attend_visible(query[prompt.rows], key[prompt.visual], value[prompt.visual],
+                                              prompt.visible, self.num_kv_heads, self.scale)
+        for rows in layout.no_visual_rows:
+            out[rows] = 0
+        return out
+
+
+@dataclass
+class VisualTokens:
+    """The visual tokens a step's prompts bring, concatenated in batch order, and which image each belongs to (the
+    CPE never mixes two images)."""
+
+    tokens: torch.Tensor  # (N, hidden)
+    image_ids: torch.Tensor  # (N,)
+
+    @classmethod
+    def of(cls, encoder_outputs: list[torch.Tensor] | None) -> "VisualTokens | None":
+        if not encoder_outputs:
+            return None
+        lengths = torch.tensor([x.shape[0] for x in encoder_outputs])
+        image_ids = torch.repeat_interleave(torch.arange(len(encoder_outputs)), lengths)
+        return cls(torch.cat(encoder_outputs), image_ids.to(encoder_outputs[0].device))
+
+
+class VisorTextModel(nn.Module):
+    """The Qwen2 language model (`embed_tokens`, `layers`, `norm`): vLLM's decoder layers, text tokens only."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        config = vllm_config.model_config.hf_config.text_config
+        cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(config, cache_config, quant_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class VisorModel(nn.Module):
+    """The checkpoint's `model.*`: vision encoder parts, language model and cross-attention layers."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "model"):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.vision = VisorVisionEncoder(config)
+        self.language_model = VisorTextModel(vllm_config, prefix=f"{prefix}.language_model")
+        self.cross_attn = nn.ModuleDict({
+            str(layer): VisorCrossAttention(config.text_config, config.cpe_kernel_size, vllm_config.cache_config,
+                                            vllm_config.quant_config, prefix=f"{prefix}.cross_attn.{layer}")
+            for layer in config.cross_attn_layers
+        })
+
+    def step_layout(self, dense_positions: torch.Tensor) -> StepLayout | None:
+        if not self.cross_attn:
+            return None
+        text_layer = self.language_model.layers[0].self_attn.attn.layer_name
+        cross_layer = next(iter(self.cross_attn.values())).attn.layer_name
+        return StepLayout.current(text_layer, cross_layer, dense_positions)
+
+    def forward(self, input_ids, positions, inputs_embeds=None, encoder_outputs=None) -> torch.Tensor:
+        """embed -> (Qwen2 layer, then its cross-attention if it has one) per layer -> norm."""
+        dense_positions = positions[0] if positions.ndim == 2 else positions
+        text = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        visual = VisualTokens.of(encoder_outputs)
+        layout = self.step_layout(dense_positions)
+        residual = None
+        for index, layer in enumerate(self.language_model.layers):
+            text, residual = layer(dense_positions, text, residual)
+            if str(index) in self.cross_attn:
+                text, residual = self.cross_attn[str(index)](text + residual, visual, layout), None
+        if residual is None:
+            return self.language_model.norm(text)
+        return self.language_model.norm(text, residual)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The vLLM model class
+# --------------------------------------------------------------------------------------------------
+
+# checkpoint name piece -> (parameter name piece, shard id), for the parameters vLLM fuses
+FUSED_TEXT_WEIGHTS = {
+    ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+    ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+    ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+    ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
+    ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
+}
+FUSED_CROSS_WEIGHTS = {".k_proj.": (".kv_proj.", 0), ".v_proj.": (".kv_proj.", 1)}
+IGNORED_PREFIXES = ("model.router.",)  # the router: a fixed budget never asks it
+VISION_PARTS = ("vision_tower.", "multi_modal_projector.", "image_newline")
+
+
+def parameter_name(name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, str | int | None]:
+    """A checkpoint tensor's parameter name in this model, and its shard id in a fused parameter (None if unfused).
+    Checkpoints keep SigLIP's `vision_model.` level (4.57's layout); transformers 5's SiglipVisionModel has none."""
+    if name.startswith("model.") and name[len("model."):].startswith(VISION_PARTS):
+        name = "model.vision." + name[len("model."):]
+        if name not in params:
+            name = name.replace(".vision_tower.vision_model.", ".vision_tower.")
+        return name, None
+    fused = FUSED_TEXT_WEIGHTS if name.startswith("model.language_model.layers.") else (
+        FUSED_CROSS_WEIGHTS if name.startswith("model.cross_attn.") else {}
+    )
+    for piece, (target, shard) in fused.items():
+        if piece in name:
+            return name.replace(piece, target), shard
+    return name, None
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VisorMultiModalProcessor, info=VisorProcessingInfo, dummy_inputs=VisorDummyInputsBuilder
+)
+class VisorForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
+    """VISOR served by vLLM as an encoder-decoder model (see the module docstring)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if config.serve_self_attn_layers:
+            raise NotImplementedError(
+                f"serve_self_attn_layers={config.serve_self_attn_layers}: this plugin serves budget 0 only so far"
+            )
+        self.config = config
+        self.model = VisorModel(vllm_config, prefix="model")
+        text_config = config.text_config
+        self.lm_head = ParallelLMHead(text_config.vocab_size, text_config.hidden_size, prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.language_model.embed_tokens)
+        self.logits_processor = LogitsProcessor(text_config.vocab_size)
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return "<image>"
+        raise ValueError(f"VISOR takes images only, not {modality}")
+
+    def get_language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    # ---- positions ------------------------------------------------------------------------------
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        """LLaVA-OneVision's dense positions of the decoder prompt's text tokens: a token's index plus the visual
+        tokens of the images before it. Three equal rows (M-RoPE with equal rows is plain RoPE); decoding continues
+        at index + all visual tokens."""
+        num_tokens = len(input_tokens)
+        shift = torch.zeros(num_tokens + 1, dtype=torch.long)
+        for feature in mm_features:
+            offset = int(feature.data["text_offset"].data)
+            shift[offset] += feature.mm_position.length
+        positions = torch.arange(num_tokens) + torch.cumsum(shift, 0)[:num_tokens]
+        return positions.expand(3, -1).clone(), int(shift.sum())
+
+    # ---- encoder ---------------------------------------------------------------------------------
+
+    def embed_multimodal(self, **kwargs) -> tuple[torch.Tensor, ...]:
+        """One (N_i, hidden) tensor of visual tokens per image; the images' crops can differ in number, so they run
+        one image at a time."""
+        pixel_values = kwargs["pixel_values"]
+        image_sizes, multi_image = kwargs["image_sizes"], kwargs["multi_image"]
+        dtype = self.model.vision.multi_modal_projector.linear_1.weight.dtype
+        return tuple(
+            self.model.vision(crops.to(dtype), size, bool(multi))
+            for crops, size, multi in zip(pixel_values, image_sizes, multi_image)
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
+        """The decoder's embeddings: text tokens only (the visual tokens reach the decoder as encoder outputs)."""
+        return self.model.language_model.embed_tokens(input_ids)
+
+    # ---- decoder ---------------------------------------------------------------------------------
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, encoder_outputs=None,
+                **kwargs) -> torch.Tensor:
+        return self.model(input_ids, positions, inputs_embeds, encoder_outputs)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    # ---- weights ---------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load a `visor_hf` checkpoint: names mapped (`parameter_name`), every tensor checked, every parameter filled
+        (all shards of a fused one); the router's tensors are read and ignored. Raises `ValueError` on an unknown
+        name, a shape mismatch or a missing tensor."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        expected_shards = {name: 1 for name in params}
+        for fused in (FUSED_TEXT_WEIGHTS, FUSED_CROSS_WEIGHTS):
+            for name in params:
+                for target, _ in fused.values():
+                    if target in name:
+                        expected_shards[name] = sum(t == target for t, _ in fused.values())
+        filled: dict[str, int] = {}
+        for checkpoint_name, tensor in weights:
+            if checkpoint_name.startswith(IGNORED_PREFIXES):
+                continue
+            if checkpoint_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            name, shard = parameter_name(checkpoint_name, params)
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {checkpoint_name!r} (as {name!r}) has no parameter in this model")
+            param = params[name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                if loader is default_weight_loader and tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{checkpoint_name}: shape {tuple(tensor.shape)}, parameter {tuple(param.shape)}")
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            filled[name] = filled.get(name, 0) + 1
+        if self.config.tie_word_embeddings:
+            filled["lm_head.weight"] = filled.get("model.language_model.embed_tokens.weight", 0)
+        missing = sorted(name for name, count in expected_shards.items() if filled.get(name, 0) != count)
+        if missing:
+            raise ValueError(f"the checkpoint does not fill these parameters (or fills them twice): {missing}")
+        return set(params)
