@@ -25,12 +25,10 @@ Design choices:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 from transformers.models.llava_onevision.modeling_llava_onevision import (
@@ -41,7 +39,6 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from visor_hf.modeling_visor import VisorCPE
 from vllm.config import VllmConfig
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import CrossAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
@@ -53,6 +50,7 @@ from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .processing import VisorDummyInputsBuilder, VisorMultiModalProcessor, VisorProcessingInfo
+from .step import StepLayout, grouped_attention
 
 # --------------------------------------------------------------------------------------------------
 # Encoder: SigLIP + projector + anyres packing
@@ -89,72 +87,6 @@ class VisorVisionEncoder(nn.Module):
             vision_aspect_ratio=config.vision_aspect_ratio,
         )
         return packed[0]
-
-
-# --------------------------------------------------------------------------------------------------
-# What a step's batch looks like: which rows are prompts, which visual tokens each prompt reads
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptRows:
-    """One prompt being prefilled in this step: its rows of the flattened batch, its visual tokens in the step's
-    encoder output, and how many of them each of its text tokens may read (image-causal)."""
-
-    rows: slice
-    visual: slice
-    visible: torch.Tensor  # (num_rows,)
-
-
-@dataclass
-class StepLayout:
-    """The requests of one forward step as the cross-attention needs them, read from vLLM's attention metadata:
-    prompts being prefilled (`prompts`) and the rows of requests that have no visual tokens (`no_visual_rows`)."""
-
-    prompts: list[PromptRows]
-    no_visual_rows: list[slice]
-
-    @classmethod
-    def current(cls, text_layer: str, cross_layer: str, dense_positions: torch.Tensor) -> "StepLayout | None":
-        """The layout of the running step; None outside a step with attention metadata (profiling runs).
-
-        A request is being prefilled when its sequence length equals its query length (vLLM's encoder-decoder mode
-        has no chunked prefill and no prefix caching); its encoder outputs come in batch order."""
-        if not is_forward_context_available():
-            return None
-        metadata = get_forward_context().attn_metadata
-        if not isinstance(metadata, dict) or text_layer not in metadata or cross_layer not in metadata:
-            return None
-        starts = metadata[text_layer].query_start_loc.tolist()
-        num_requests = len(starts) - 1
-        seq_lens = metadata[text_layer].seq_lens[:num_requests].tolist()
-        encoder_lens = metadata[cross_layer].seq_lens[:num_requests].tolist()
-        prompts, no_visual_rows, visual_start = [], [], 0
-        for start, end, seq_len, encoder_len in zip(starts, starts[1:], seq_lens, encoder_lens):
-            rows = slice(start, end)
-            if encoder_len == 0:
-                no_visual_rows.append(rows)
-            elif seq_len == end - start:  # a prompt: its text offsets give each token's visible visual tokens
-                index_in_prompt = torch.arange(end - start, device=dense_positions.device)
-                visible = dense_positions[rows] - index_in_prompt
-                prompts.append(PromptRows(rows, slice(visual_start, visual_start + encoder_len), visible))
-                visual_start += encoder_len
-        return cls(prompts, no_visual_rows)
-
-
-def attend_visible(query, key, value, visible, num_kv_heads: int, scale: float) -> torch.Tensor:
-    """query (Q, h * d); key/value (E, kvh * d); visible (Q,): query q reads keys [0, visible[q]). Returns (Q, h * d);
-    a query that may read nothing gets zeros."""
-    num_queries, num_keys = query.shape[0], key.shape[0]
-    head_dim = key.shape[1] // num_kv_heads
-    num_heads = query.shape[1] // head_dim
-    q = query.view(num_queries, num_heads, head_dim).transpose(0, 1)  # (h, Q, d)
-    k = key.view(num_keys, num_kv_heads, head_dim).transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, 0)
-    v = value.view(num_keys, num_kv_heads, head_dim).transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, 0)
-    allowed = torch.arange(num_keys, device=query.device)[None, :] < visible[:, None]  # (Q, E)
-    has_key = allowed.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(allowed | ~has_key)[None], scale=scale)
-    return (out * has_key.to(out.dtype)).transpose(0, 1).reshape(num_queries, -1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,11 +137,14 @@ class VisorCrossAttention(nn.Module):
         """Prompt rows read only the images before them (recomputed from the fresh keys/values); requests without
         visual tokens read nothing."""
         out = out.clone()
-        for prompt in layout.prompts:
-            out[prompt.rows] = attend_visible(query[prompt.rows], key[prompt.visual], value[prompt.visual],
-                                              prompt.visible, self.num_kv_heads, self.scale)
-        for rows in layout.no_visual_rows:
-            out[rows] = 0
+        for request in layout.requests:
+            if request.encoder_len == 0:
+                out[request.rows] = 0
+            elif request.is_prompt:
+                rows, visual = request.rows, request.visual
+                allowed = torch.arange(request.encoder_len, device=query.device)[None, :] < request.visible[:, None]
+                out[rows] = grouped_attention(query[rows], key[visual], value[visual], self.num_kv_heads, self.scale,
+                                              allowed=allowed)
         return out
 
 
