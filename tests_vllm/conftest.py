@@ -20,6 +20,7 @@ from visor_hf.toyworld.world import FAMILIES, ask, render, sample_scene
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "visor_hf", "toyworld", "checkpoint")
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 NEW_TOKENS = 6  # greedy tokens compared per prompt (EOS suppressed on both sides, so every step is compared)
+LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, different kernels
 
 
 def chat_prompt(question: str, num_images: int = 1) -> str:
@@ -61,6 +62,18 @@ def vllm_greedy(llm, requests: list[dict]) -> list[tuple[list[int], list[float]]
         chosen = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
         results.append((list(completion.token_ids), chosen))
     return results
+
+
+def request(prompt: str, images=None) -> dict:
+    if not images:
+        return {"prompt": prompt}
+    return {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
+
+
+def assert_same_greedy(got, want):
+    (got_tokens, got_logprobs), (want_tokens, want_logprobs) = got, want
+    assert got_tokens == want_tokens
+    assert got_logprobs == pytest.approx(want_logprobs, abs=LOGPROB_TOLERANCE)
 
 
 class VisorReference:

@@ -1,7 +1,7 @@
 """The plugin at budget 0 (no self-attention layer over visual tokens) against `visor_hf` on the kept toy checkpoint.
 
-Greedy tokens must be equal and each chosen token's log-probability close (1e-4: float32 on both sides, different
-kernels). One engine serves the whole module (start-up is the slow part)."""
+Greedy tokens must be equal and each chosen token's log-probability close (`conftest.assert_same_greedy`). One
+engine serves the whole module (start-up is the slow part)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CHECKPOINT, chat_prompt, make_llm, toy_image, toy_question, vllm_greedy
-
-LOGPROB_TOLERANCE = 1e-4
+from conftest import CHECKPOINT, assert_same_greedy, chat_prompt, make_llm, request, toy_image, toy_question, vllm_greedy
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +17,6 @@ def llm():
     engine = make_llm()
     yield engine
     del engine
-
-
-def request(prompt: str, images=None) -> dict:
-    if not images:
-        return {"prompt": prompt}
-    return {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
-
-
-def assert_same_greedy(got, want):
-    (got_tokens, got_logprobs), (want_tokens, want_logprobs) = got, want
-    assert got_tokens == want_tokens
-    assert got_logprobs == pytest.approx(want_logprobs, abs=LOGPROB_TOLERANCE)
 
 
 def test_plugin_is_registered():

@@ -33,13 +33,17 @@ class VisorServingConfig(VisorConfig):
             self.text_config.hidden_size // self.text_config.num_attention_heads
         )
         self.rope_parameters = {"rope_type": "default", "mrope_section": [head_dim // 2, 0, 0]}
-        self.serve_self_attn_layers = sorted(int(layer) for layer in serve_self_attn_layers)
-        allowed = {tuple(c) for c in self.configurations} | {tuple(self.self_attn_layers)}
-        if tuple(self.serve_self_attn_layers) not in allowed:
-            raise ValueError(
-                f"serve_self_attn_layers={self.serve_self_attn_layers}: not one of config.configurations "
-                f"{sorted(allowed)}"
-            )
+        self.serve_self_attn_layers = list(serve_self_attn_layers)
+
+
+def served_self_attn_layers(config) -> tuple[int, ...]:
+    """The deployment's self-attention set S, checked: one of `config.configurations` (or all `self_attn_layers`).
+    Checked when the model is built, because vLLM applies `hf_overrides` to a config already made."""
+    layers = tuple(sorted(int(layer) for layer in getattr(config, "serve_self_attn_layers", ())))
+    allowed = {tuple(c) for c in config.configurations} | {tuple(config.self_attn_layers)}
+    if layers not in allowed:
+        raise ValueError(f"serve_self_attn_layers={list(layers)}: not one of config.configurations {sorted(allowed)}")
+    return layers
 
 
 def register_config() -> None:

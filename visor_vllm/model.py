@@ -1,9 +1,10 @@
-"""VISOR (VISion On Request) as a vLLM encoder-decoder model, at budget 0 (no self-attention layer over the visual
-tokens).
+"""VISOR (VISion On Request) as a vLLM encoder-decoder model, with a fixed self-attention set S chosen at launch
+(`serve_self_attn_layers`; empty = budget 0).
 
     encoder:  pixels --SigLIP--projector--anyres pack (+image_newline)--> V       (embed_multimodal, per image)
     decoder:  text tokens only, at LLaVA-OneVision's dense RoPE positions
-              for layer l:  T = Qwen2Layer_l(T)                                   (KV cache: text only)
+              for layer l:  if l in S: [V; T] = Qwen2Layer_l([V; T])  (dense order; KV: text cache + visual cache)
+                            else:      T      = Qwen2Layer_l(T)       (KV cache: text only)
                             if l in cross_attn_layers: T = T + tanh(g_l) * XAttn_l(T, CPE_l(V))   (KV cache: V once)
 
 Design choices:
@@ -19,6 +20,9 @@ Design choices:
   its index in the decoder prompt; those rows are recomputed from the fresh keys/values with that mask (prefill is
   never chunked in vLLM's encoder-decoder mode). At decode every image precedes the new token, so vLLM's cached
   cross-attention is exact. A request without images reads nothing: its cross-attention output is zero.
+- A layer of S is the same `Qwen2DecoderLayer`, called on the text and visual rows, with its attention module
+  replaced by `dense_attention.DenseAttention` (text keys in the layer's cache, visual keys in a cross-attention-type
+  cache; dense causal attention at prefill, attention over both caches at decode).
 - Weight loading maps `visor_hf`'s checkpoint names onto the fused vLLM parameters and checks every tensor; the
   router's weights are read and ignored (the budget is fixed at launch).
 """
@@ -49,6 +53,8 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiMo
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from .config import served_self_attn_layers
+from .dense_attention import DenseAttention
 from .processing import VisorDummyInputsBuilder, VisorMultiModalProcessor, VisorProcessingInfo
 from .step import StepLayout, grouped_attention
 
@@ -166,18 +172,45 @@ class VisualTokens:
 
 
 class VisorTextModel(nn.Module):
-    """The Qwen2 language model (`embed_tokens`, `layers`, `norm`): vLLM's decoder layers, text tokens only."""
+    """The Qwen2 language model (`embed_tokens`, `layers`, `norm`): vLLM's decoder layers. The layers of the served
+    self-attention set S get a `DenseAttention` (text and visual keys/values); the others see text tokens only."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        config = vllm_config.model_config.hf_config.text_config
+        config = vllm_config.model_config.hf_config
+        text_config = config.text_config
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.embed_tokens = VocabParallelEmbedding(text_config.vocab_size, text_config.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(config, cache_config, quant_config, prefix=f"{prefix}.layers.{i}")
-            for i in range(config.num_hidden_layers)
+            Qwen2DecoderLayer(text_config, cache_config, quant_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(text_config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        self.dense_layers = frozenset(served_self_attn_layers(config))
+        for index in self.dense_layers:
+            attention = self.layers[index].self_attn
+            attention.attn = DenseAttention(attention.attn, attention.scaling, cache_config,
+                                            prefix=f"{prefix}.layers.{index}.self_attn")
+
+    def dense_step(self, index: int, text, residual, visual: "VisualTokens | None", layout, positions):
+        """Layer `index` of S: the step's text tokens and its prompts' visual tokens (at their dense positions) through
+        the layer; returns the text hidden states (residual added) and the updated visual tokens."""
+        layer = self.layers[index]
+        hidden = text if residual is None else text + residual
+        with_visual = visual is not None and layout is not None and layout.num_visual > 0
+        if with_visual:
+            visual_positions = torch.cat([r.visual_positions() for r in layout.requests if r.visual is not None])
+            hidden, positions = torch.cat([hidden, visual.tokens]), torch.cat([positions, visual_positions])
+        layer.self_attn.attn.layout = layout
+        try:
+            out, residual = layer(positions, hidden, None)
+        finally:
+            layer.self_attn.attn.layout = None
+        out = out + residual
+        if not with_visual:
+            return out, visual
+        return out[: layout.num_text], VisualTokens(out[layout.num_text:], visual.image_ids)
 
 
 class VisorModel(nn.Module):
@@ -196,11 +229,15 @@ class VisorModel(nn.Module):
         })
 
     def step_layout(self, dense_positions: torch.Tensor) -> StepLayout | None:
-        if not self.cross_attn:
+        """The step's requests, read from the metadata of a text-token cache and of a visual-token cache."""
+        text_layer = self.language_model.layers[0].self_attn.attn
+        text_layer = text_layer.text if isinstance(text_layer, DenseAttention) else text_layer
+        visual_caches = [c.attn for c in self.cross_attn.values()] + [
+            self.language_model.layers[i].self_attn.attn.visual for i in sorted(self.language_model.dense_layers)
+        ]
+        if not visual_caches:
             return None
-        text_layer = self.language_model.layers[0].self_attn.attn.layer_name
-        cross_layer = next(iter(self.cross_attn.values())).attn.layer_name
-        return StepLayout.current(text_layer, cross_layer, dense_positions)
+        return StepLayout.current(text_layer.layer_name, visual_caches[0].layer_name, dense_positions)
 
     def forward(self, input_ids, positions, inputs_embeds=None, encoder_outputs=None) -> torch.Tensor:
         """embed -> (Qwen2 layer, then its cross-attention if it has one) per layer -> norm."""
@@ -209,10 +246,16 @@ class VisorModel(nn.Module):
         visual = VisualTokens.of(encoder_outputs)
         layout = self.step_layout(dense_positions)
         residual = None
-        for index, layer in enumerate(self.language_model.layers):
-            text, residual = layer(dense_positions, text, residual)
+        language_model = self.language_model
+        for index, layer in enumerate(language_model.layers):
+            if index in language_model.dense_layers:
+                text, visual = language_model.dense_step(index, text, residual, visual, layout, dense_positions)
+                residual = None
+            else:
+                text, residual = layer(dense_positions, text, residual)
             if str(index) in self.cross_attn:
-                text, residual = self.cross_attn[str(index)](text + residual, visual, layout), None
+                hidden = text if residual is None else text + residual
+                text, residual = self.cross_attn[str(index)](hidden, visual, layout), None
         if residual is None:
             return self.language_model.norm(text)
         return self.language_model.norm(text, residual)[0]
@@ -261,10 +304,6 @@ class VisorForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        if config.serve_self_attn_layers:
-            raise NotImplementedError(
-                f"serve_self_attn_layers={config.serve_self_attn_layers}: this plugin serves budget 0 only so far"
-            )
         self.config = config
         self.model = VisorModel(vllm_config, prefix="model")
         text_config = config.text_config
