@@ -72,7 +72,8 @@ class VisorVisionEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        # in the served dtype (vLLM sets it as the default while it builds the model), not the config's
+        self.vision_tower = AutoModel.from_config(config.vision_config, dtype=torch.get_default_dtype())
         self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
 
