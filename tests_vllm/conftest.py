@@ -29,6 +29,18 @@ def chat_prompt(question: str, num_images: int = 1) -> str:
     return f"{SYSTEM}<|im_start|>user\n{images}{question}<|visor_route|><|im_end|>\n<|im_start|>assistant\n"
 
 
+def multi_image_cases() -> list[tuple[str, list]]:
+    """Prompts with several images: the template's order, two adjacent images, text between two images (the text
+    before the second image must not read it), three images."""
+    turn = lambda content: f"{SYSTEM}<|im_start|>user\n{content}<|visor_route|><|im_end|>\n<|im_start|>assistant\n"
+    return [
+        (chat_prompt(toy_question(3), num_images=2), [toy_image(3), toy_image(4, (40, 40))]),
+        (turn("<image><image>\nwhat colour is the large shape?"), [toy_image(5), toy_image(6)]),
+        (turn("<image>\nthe first one. <image>\nwhat colour is the large shape?"), [toy_image(7, (24, 60)), toy_image(8)]),
+        (chat_prompt(toy_question(9), num_images=3), [toy_image(9), toy_image(10), toy_image(11)]),
+    ]
+
+
 def toy_image(seed: int, size: tuple[int, int] | None = None):
     """A toy-world scene (64 x 64), resized to `size` (width, height) if given."""
     image = render(sample_scene(random.Random(f"vllm-{seed}")))
@@ -93,7 +105,9 @@ class VisorReference:
 
     @torch.no_grad()
     def greedy(self, prompt: str, images=None, budget=0) -> tuple[list[int], list[float]]:
-        """Greedy tokens and the raw log-probability of each (what vLLM reports)."""
+        """Greedy tokens and the raw log-probability of each (what vLLM reports). Several images are one sample's
+        (a nested list: LLaVA-OneVision's multi-image treatment, as the plugin gives a prompt's images)."""
+        images = [images] if images is not None and len(images) > 1 else images
         inputs = self.processor(images=images, text=prompt, return_tensors="pt")
         input_ids = inputs.pop("input_ids")
         inputs.pop("attention_mask")

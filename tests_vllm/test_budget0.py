@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CHECKPOINT, assert_same_greedy, chat_prompt, make_llm, request, toy_image, toy_question, vllm_greedy
+from conftest import (CHECKPOINT, assert_same_greedy, chat_prompt, make_llm, multi_image_cases, request, toy_image,
+                      toy_question, vllm_greedy)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,34 @@ def test_batch_of_image_sizes(llm, reference):
     results = vllm_greedy(llm, [request(prompt, images) for prompt, images in cases])
     for (prompt, images), got in zip(cases, results):
         assert_same_greedy(got, reference.greedy(prompt, images))
+
+
+def test_multi_image_prompts(llm, reference):
+    """Several images in one prompt (LLaVA-OneVision's multi-image treatment), batched with a single-image prompt:
+    image-causal cross-attention, each image its own CPE sequence."""
+    cases = multi_image_cases() + [(chat_prompt(toy_question(12)), [toy_image(12)])]
+    results = vllm_greedy(llm, [request(prompt, images) for prompt, images in cases])
+    for (prompt, images), got in zip(cases, results):
+        assert_same_greedy(got, reference.greedy(prompt, images))
+
+
+def test_multi_image_prompt_split(llm, reference):
+    """All images of a prompt are one encoder input: their visual tokens, image after image, and each image's text
+    offset."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    processor = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.vllm_config.model_config)
+    prompt, images = multi_image_cases()[2]
+    out = processor(prompt, processor.info.parse_mm_data({"image": images}))
+    image_token = reference.model.config.image_token_index
+    expanded = reference.processor(images=[images], text=prompt)["input_ids"][0]
+    assert out["prompt_token_ids"] == [t for t in expanded if t != image_token]
+    assert out["encoder_prompt_token_ids"] == [t for t in expanded if t == image_token]
+    item = out["mm_kwargs"]["image"][0]
+    assert item["num_visual_tokens"].data.tolist() == [17, 17]  # base crop (4 x 4) + newline each
+    # this prompt has text between its images: each image starts a run of image tokens
+    starts = [i for i, t in enumerate(expanded) if t == image_token and expanded[i - 1] != image_token]
+    assert item["text_offset"].data.tolist() == [start - 17 * k for k, start in enumerate(starts)]
 
 
 def test_kv_cache_specs(llm):

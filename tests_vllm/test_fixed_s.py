@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CHECKPOINT, assert_same_greedy, chat_prompt, make_llm, request, toy_image, toy_question, vllm_greedy
+from conftest import (CHECKPOINT, assert_same_greedy, chat_prompt, make_llm, multi_image_cases, request, toy_image,
+                      toy_question, vllm_greedy)
 
 SELF_ATTN_LAYERS = (3, 5)
 
@@ -35,6 +36,14 @@ def test_batch_of_image_sizes_and_text_only(llm, reference):
         (chat_prompt(toy_question(23)), [toy_image(23)]),
         (chat_prompt(toy_question(24)), [toy_image(24, (24, 60))]),
     ]
+    results = vllm_greedy(llm, [request(prompt, images) for prompt, images in cases])
+    for (prompt, images), got in zip(cases, results):
+        assert_same_greedy(got, reference.greedy(prompt, images, budget=SELF_ATTN_LAYERS))
+
+
+def test_multi_image_prompts(llm, reference):
+    """Several images in a prompt: the layers of S run on each prompt's dense sequence with all its images."""
+    cases = multi_image_cases()
     results = vllm_greedy(llm, [request(prompt, images) for prompt, images in cases])
     for (prompt, images), got in zip(cases, results):
         assert_same_greedy(got, reference.greedy(prompt, images, budget=SELF_ATTN_LAYERS))

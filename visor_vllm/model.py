@@ -165,11 +165,16 @@ class VisualTokens:
 
     @classmethod
     def of(cls, encoder_outputs: list[torch.Tensor] | None) -> "VisualTokens | None":
+        """From `embed_multimodal`'s outputs (one per prompt, image index in the last column): ids unique in the step."""
         if not encoder_outputs:
             return None
-        lengths = torch.tensor([x.shape[0] for x in encoder_outputs])
-        image_ids = torch.repeat_interleave(torch.arange(len(encoder_outputs)), lengths)
-        return cls(torch.cat(encoder_outputs), image_ids.to(encoder_outputs[0].device))
+        tokens, image_ids, first_id = [], [], 0
+        for output in encoder_outputs:
+            index = output[:, -1].round().long()
+            tokens.append(output[:, :-1])
+            image_ids.append(index + first_id)
+            first_id += int(index.max()) + 1
+        return cls(torch.cat(tokens), torch.cat(image_ids))
 
 
 class VisorTextModel(nn.Module):
@@ -330,24 +335,28 @@ class VisorForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE
         at index + all visual tokens."""
         num_tokens = len(input_tokens)
         shift = torch.zeros(num_tokens + 1, dtype=torch.long)
-        for feature in mm_features:
-            offset = int(feature.data["text_offset"].data)
-            shift[offset] += feature.mm_position.length
+        for feature in mm_features:  # one feature: all images of the prompt
+            shift.index_add_(0, feature.data["text_offset"].data, feature.data["num_visual_tokens"].data)
         positions = torch.arange(num_tokens) + torch.cumsum(shift, 0)[:num_tokens]
         return positions.expand(3, -1).clone(), int(shift.sum())
 
     # ---- encoder ---------------------------------------------------------------------------------
 
     def embed_multimodal(self, **kwargs) -> tuple[torch.Tensor, ...]:
-        """One (N_i, hidden) tensor of visual tokens per image; the images' crops can differ in number, so they run
-        one image at a time."""
-        pixel_values = kwargs["pixel_values"]
-        image_sizes, multi_image = kwargs["image_sizes"], kwargs["multi_image"]
+        """One tensor per item (the images of one prompt): its visual tokens, image after image, (N, hidden + 1), the
+        last column holding each token's image index. vLLM hands the decoder one tensor per item, and the CPE must not
+        mix two images, so the index rides along. Images run one at a time (their crop counts differ)."""
         dtype = self.model.vision.multi_modal_projector.linear_1.weight.dtype
-        return tuple(
-            self.model.vision(crops.to(dtype), size, bool(multi))
-            for crops, size, multi in zip(pixel_values, image_sizes, multi_image)
-        )
+        outputs = []
+        for crops, num_crops, sizes in zip(kwargs["pixel_values"], kwargs["num_crops"], kwargs["image_sizes"]):
+            multi_image = len(num_crops) > 1
+            per_image = [
+                self.model.vision(image_crops.to(dtype), size, multi_image)
+                for image_crops, size in zip(torch.split(crops, num_crops.tolist()), sizes)
+            ]
+            index = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor([f.shape[0] for f in per_image]))
+            outputs.append(torch.cat([torch.cat(per_image), index[:, None].to(per_image[0])], dim=1))
+        return tuple(outputs)
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
         """The decoder's embeddings: text tokens only (the visual tokens reach the decoder as encoder outputs)."""

@@ -8,9 +8,11 @@ A prompt `... <image>\\n question ...` becomes two prompts:
   (`configuration_visor.num_visual_tokens`: anyres base crop + unpadded grid + newlines, or base crop + one newline
   for an image of a multi-image prompt).
 
-Each image item carries, besides its pixels (LLaVA-OneVision's PIL image processor, all anyres crops) and size,
-`text_offset`: how many decoder tokens precede it. The model turns these into LLaVA-OneVision's dense RoPE
-positions (`VisorForConditionalGeneration.get_mrope_input_positions`) and into the image-causal cross-attention
+All images of a prompt are one multimodal item (`ImageGroupItems`): vLLM's encoder-decoder scheduler takes one encoder
+input per request, at the start of the encoder prompt. The item carries, per image, its pixels (LLaVA-OneVision's PIL
+image processor: all anyres crops, or the base crop for an image of a multi-image prompt), its size, its visual-token
+count and `text_offset`, how many decoder tokens precede it. The model turns the offsets into LLaVA-OneVision's dense
+RoPE positions (`VisorForConditionalGeneration.get_mrope_input_positions`) and into the image-causal cross-attention
 mask (text before an image does not read it).
 """
 
@@ -25,7 +27,12 @@ from transformers import BatchFeature
 
 from visor_hf.configuration_visor import num_visual_tokens
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.parse import (
+    ImageProcessorItems,
+    MultiModalDataItems,
+    MultiModalDataParser,
+    ProcessorBatchItems,
+)
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseProcessingInfo,
@@ -35,20 +42,53 @@ from vllm.multimodal.processing import (
 )
 
 TEXT_OFFSETS_KWARG = "visor_text_offsets"  # how `apply` hands the images' text offsets to `_call_hf_processor`
-MULTI_IMAGE_KWARG = "visor_multi_image"
+FIELDS = ("pixel_values", "num_crops", "image_sizes", "text_offset", "num_visual_tokens")
+
+
+class ImageGroupItems(ProcessorBatchItems):
+    """The images of one prompt as one item (see the module docstring). `get(0)` is the list of images."""
+
+    def __init__(self, images: Sequence) -> None:
+        super().__init__([list(images)], "image")
+
+    def get(self, index: int) -> list:
+        return [self._unwrap(image) for image in self.data[index]]
+
+    def get_processor_data(self) -> Mapping[str, object]:
+        return {"image_groups": self.get_all()}
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each image of the prompt (PIL images or arrays, as vLLM reads them)."""
+        images = ImageProcessorItems(self.get(0))
+        return [tuple(images.get_image_size(i)) for i in range(images.get_count())]
+
+
+class ImageGroupParser(MultiModalDataParser):
+    """vLLM's parser, with a prompt's images gathered into one `ImageGroupItems`."""
+
+    def _parse_image_data(self, data):
+        items = super()._parse_image_data(data)
+        if isinstance(items, ImageProcessorItems) and items.get_count():
+            return ImageGroupItems(items.data)
+        return items
 
 
 class VisorProcessingInfo(BaseProcessingInfo):
     """What the processor needs to know about a VISOR checkpoint: its config, image processor and token counts."""
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None}
+        return {"image": 1}  # one item: all images of the prompt
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return ImageGroupParser(expected_hidden_size=self._get_expected_hidden_size(),
+                                allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
 
     @cached_property
     def image_processor(self):
         """LLaVA-OneVision's PIL image processor, as `visor_hf.processing_visor` uses it (no torchvision needed)."""
-        from visor_hf.processing_visor import IMAGE_PROCESSOR_CLASS
         import transformers
+
+        from visor_hf.processing_visor import IMAGE_PROCESSOR_CLASS
 
         return getattr(transformers, IMAGE_PROCESSOR_CLASS).from_pretrained(self.ctx.model_config.model)
 
@@ -71,7 +111,7 @@ class VisorProcessingInfo(BaseProcessingInfo):
 
 
 class VisorDummyInputsBuilder(BaseDummyInputsBuilder[VisorProcessingInfo]):
-    """Profiling inputs: one `<image>` per image, each of the largest pinpoint's size."""
+    """Profiling inputs: one `<image>` of the largest pinpoint's size."""
 
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return "<image>" * mm_counts.get("image", 0)
@@ -89,15 +129,15 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
     skip_decoder_start_token = True  # the decoder prompt is the prompt's own text: nothing is prepended
 
     def apply(self, inputs, timing_ctx):
-        """Note each image's text offset (decoder tokens before it) and whether the prompt has several images, from the
-        full prompt, for `_call_hf_processor`, which only sees the encoder prompt."""
+        """Note each image's text offset (decoder tokens before it), from the full prompt, for `_call_hf_processor`,
+        which only sees the encoder prompt."""
         positions = [i for i, token in enumerate(inputs.prompt) if token == self.info.image_token_id]
-        extra = {TEXT_OFFSETS_KWARG: [p - k for k, p in enumerate(positions)], MULTI_IMAGE_KWARG: len(positions) > 1}
-        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, **extra})
+        offsets = {TEXT_OFFSETS_KWARG: [p - k for k, p in enumerate(positions)]}
+        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, **offsets})
         return super().apply(inputs, timing_ctx)
 
     def create_encoder_prompt(self, prompt: list[int], mm_items: MultiModalDataItems) -> list[int]:
-        """One placeholder per image; `_get_prompt_updates` expands each to the image's visual tokens."""
+        """One placeholder for the prompt's images; `_get_prompt_updates` expands it to all their visual tokens."""
         return [self.info.image_token_id] * mm_items.get_count("image", strict=False)
 
     def create_decoder_prompt(self, prompt: list[int], mm_items: MultiModalDataItems) -> list[int]:
@@ -105,38 +145,42 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
         return [token for token in prompt if token != self.info.image_token_id]
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        """Per image: its anyres crops (num_crops, 3, H, W), its size (H, W), its text offset and the multi-image flag."""
-        images = hf_data.get("images") or []
-        offsets = list(hf_kwargs.get(TEXT_OFFSETS_KWARG) or [0] * len(images))
-        if len(offsets) != len(images):
-            raise ValueError(f"the prompt holds {len(offsets)} <image> placeholders for {len(images)} images")
-        multi_image = bool(hf_kwargs.get(MULTI_IMAGE_KWARG, len(images) > 1))
-        pixel_values, image_sizes = [], []
-        for image in images:
-            out = self.info.image_processor(image, return_tensors="pt")
-            pixel_values.append(out["pixel_values"][0])
-            image_sizes.append(out["image_sizes"][0])
-        return BatchFeature({
-            "pixel_values": pixel_values,
-            "image_sizes": torch.stack(image_sizes) if images else torch.zeros(0, 2, dtype=torch.long),
+        """Per item (a prompt's images): the crops of its images, one after another, and per image its crop count,
+        size (H, W), text offset and visual-token count."""
+        outputs = {name: [] for name in FIELDS}
+        for images in hf_data.get("image_groups") or []:
+            offsets = list(hf_kwargs.get(TEXT_OFFSETS_KWARG) or [0] * len(images))
+            if len(offsets) != len(images):
+                raise ValueError(f"the prompt holds {len(offsets)} <image> placeholders for {len(images)} images")
+            for name, value in self.image_group_inputs(images, offsets).items():
+                outputs[name].append(value)
+        return BatchFeature(outputs)
+
+    def image_group_inputs(self, images: list, offsets: list[int]) -> dict[str, torch.Tensor]:
+        """One prompt's images through LLaVA-OneVision's image processor: one image gets its anyres crops; the images of
+        a multi-image prompt go in as one sample (a nested list), so each is padded to a square and gets one crop."""
+        multi_image = len(images) > 1
+        out = self.info.image_processor([images] if multi_image else images, return_tensors="pt")
+        sizes = out["image_sizes"]  # (n, 2): height, width
+        crops = [out["pixel_values"][i][: 1 if multi_image else None] for i in range(len(images))]
+        counts = [self.info.num_image_tokens(int(w), int(h), multi_image) for h, w in sizes.tolist()]
+        return {
+            "pixel_values": torch.cat(crops),
+            "num_crops": torch.tensor([c.shape[0] for c in crops]),
+            "image_sizes": sizes,
             "text_offset": torch.tensor(offsets, dtype=torch.long),
-            "multi_image": torch.full((len(images),), multi_image, dtype=torch.bool),
-        })
+            "num_visual_tokens": torch.tensor(counts, dtype=torch.long),
+        }
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        return {name: MultiModalFieldConfig.batched("image") for name in ("pixel_values", "image_sizes", "text_offset", "multi_image")}
+        return {name: MultiModalFieldConfig.batched("image") for name in FIELDS}
 
     def _get_prompt_updates(
         self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs, out_mm_kwargs: MultiModalKwargsItems
     ) -> Sequence[PromptUpdate]:
         if not mm_items.get_count("image", strict=False):
             return []
-        images = mm_items.get_items("image", ImageProcessorItems)
-        multi_image = images.get_count() > 1
+        sizes = mm_items.get_items("image", ImageGroupItems).image_sizes()
+        count = sum(self.info.num_image_tokens(w, h, len(sizes) > 1) for w, h in sizes)
         token = self.info.image_token_id
-
-        def visual_tokens(item_idx: int) -> list[int]:
-            size = images.get_image_size(item_idx)
-            return [token] * self.info.num_image_tokens(size.width, size.height, multi_image)
-
-        return [PromptReplacement(modality="image", target=[token], replacement=visual_tokens)]
+        return [PromptReplacement(modality="image", target=[token], replacement=[token] * count)]
