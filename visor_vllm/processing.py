@@ -27,12 +27,7 @@ from transformers import BatchFeature
 
 from visor_hf.configuration_visor import num_visual_tokens
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import (
-    ImageProcessorItems,
-    MultiModalDataItems,
-    MultiModalDataParser,
-    ProcessorBatchItems,
-)
+from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems, ProcessorBatchItems
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseProcessingInfo,
@@ -63,25 +58,11 @@ class ImageGroupItems(ProcessorBatchItems):
         return [tuple(images.get_image_size(i)) for i in range(images.get_count())]
 
 
-class ImageGroupParser(MultiModalDataParser):
-    """vLLM's parser, with a prompt's images gathered into one `ImageGroupItems`."""
-
-    def _parse_image_data(self, data):
-        items = super()._parse_image_data(data)
-        if isinstance(items, ImageProcessorItems) and items.get_count():
-            return ImageGroupItems(items.data)
-        return items
-
-
 class VisorProcessingInfo(BaseProcessingInfo):
     """What the processor needs to know about a VISOR checkpoint: its config, image processor and token counts."""
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": 1}  # one item: all images of the prompt
-
-    def get_data_parser(self) -> MultiModalDataParser:
-        return ImageGroupParser(expected_hidden_size=self._get_expected_hidden_size(),
-                                allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+        return {"image": None}  # counted per image; the processor gathers a prompt's images into one item
 
     @cached_property
     def image_processor(self):
@@ -129,12 +110,28 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
     skip_decoder_start_token = True  # the decoder prompt is the prompt's own text: nothing is prepended
 
     def apply(self, inputs, timing_ctx):
-        """Note each image's text offset (decoder tokens before it), from the full prompt, for `_call_hf_processor`,
-        which only sees the encoder prompt."""
+        """Gather the prompt's images into one item (`group_images`) and note each image's text offset (decoder tokens
+        before it), from the full prompt, for `_call_hf_processor`, which only sees the encoder prompt."""
         positions = [i for i, token in enumerate(inputs.prompt) if token == self.info.image_token_id]
         offsets = {TEXT_OFFSETS_KWARG: [p - k for k, p in enumerate(positions)]}
-        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, **offsets})
+        inputs = dataclasses.replace(
+            self.group_images(inputs), hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, **offsets}
+        )
         return super().apply(inputs, timing_ctx)
+
+    @staticmethod
+    def group_images(inputs):
+        """`inputs` with its images as one `ImageGroupItems` item, and their ids as one id (vLLM parses and checks
+        them one per image before the processor runs)."""
+        images = inputs.mm_data_items.get("image")
+        if not isinstance(images, ImageProcessorItems) or not images.get_count():
+            return inputs
+        items = MultiModalDataItems({**inputs.mm_data_items, "image": ImageGroupItems(images.data)})
+        uuid_items = dict(inputs.mm_uuid_items or {})
+        if uuid_items.get("image") is not None:
+            ids = uuid_items["image"]
+            uuid_items["image"] = [None if any(i is None for i in ids) else "+".join(map(str, ids))]
+        return dataclasses.replace(inputs, mm_data_items=items, mm_uuid_items=uuid_items or None)
 
     def create_encoder_prompt(self, prompt: list[int], mm_items: MultiModalDataItems) -> list[int]:
         """One placeholder for the prompt's images; `_get_prompt_updates` expands it to all their visual tokens."""
