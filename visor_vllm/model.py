@@ -38,7 +38,6 @@ from transformers import AutoModel
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
     LlavaOnevisionMultiModalProjector,
-    image_size_to_num_patches,
 )
 
 from visor_hf.modeling_visor import VisorCPE
@@ -77,14 +76,11 @@ class VisorVisionEncoder(nn.Module):
         self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
 
-    def forward(self, crops: torch.Tensor, image_size: torch.Tensor, multi_image: bool) -> torch.Tensor:
+    def forward(self, crops: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
         """crops (num_crops, 3, H, W) of one image of `image_size` (H, W) -> its visual tokens (N, hidden). An image
-        of a multi-image prompt uses its base crop only (LLaVA-OneVision's multi-image treatment)."""
+        of a multi-image prompt comes with one crop (LLaVA-OneVision's multi-image treatment): base crop + newline."""
         config = self.config
-        num_crops = 1 if multi_image else image_size_to_num_patches(
-            image_size, config.image_grid_pinpoints, config.vision_config.image_size
-        )
-        outputs = self.vision_tower(crops[:num_crops], output_hidden_states=True, return_dict=True)
+        outputs = self.vision_tower(crops, output_hidden_states=True, return_dict=True)
         features = outputs.hidden_states[config.vision_feature_layer]  # (num_crops, tokens per crop, vision hidden)
         if config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
@@ -225,7 +221,6 @@ class VisorModel(nn.Module):
     def __init__(self, vllm_config: VllmConfig, prefix: str = "model"):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        self.config = config
         self.vision = VisorVisionEncoder(config)
         self.language_model = VisorTextModel(vllm_config, prefix=f"{prefix}.language_model")
         self.cross_attn = nn.ModuleDict({
@@ -349,9 +344,8 @@ class VisorForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE
         dtype = self.model.vision.multi_modal_projector.linear_1.weight.dtype
         outputs = []
         for crops, num_crops, sizes in zip(kwargs["pixel_values"], kwargs["num_crops"], kwargs["image_sizes"]):
-            multi_image = len(num_crops) > 1
             per_image = [
-                self.model.vision(image_crops.to(dtype), size, multi_image)
+                self.model.vision(image_crops.to(dtype), size)
                 for image_crops, size in zip(torch.split(crops, num_crops.tolist()), sizes)
             ]
             index = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor([f.shape[0] for f in per_image]))
