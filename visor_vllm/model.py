@@ -296,6 +296,15 @@ def parameter_name(name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, 
     return name, None
 
 
+def check_served(vllm_config: VllmConfig) -> None:
+    """Refuse what this plugin does not serve, rather than serve something else."""
+    config = vllm_config.model_config.hf_config
+    if config.token_reduction is not None:
+        raise NotImplementedError(f"token_reduction={config.token_reduction}: not served by visor_vllm yet")
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        raise NotImplementedError("tensor parallelism is not served by visor_vllm yet (use tensor_parallel_size=1)")
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     VisorMultiModalProcessor, info=VisorProcessingInfo, dummy_inputs=VisorDummyInputsBuilder
 )
@@ -305,6 +314,7 @@ class VisorForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
+        check_served(vllm_config)
         self.config = config
         self.model = VisorModel(vllm_config, prefix="model")
         text_config = config.text_config
