@@ -104,7 +104,7 @@ class VisorReference:
         self.eos = self.model.config.text_config.eos_token_id
 
     @torch.no_grad()
-    def greedy(self, prompt: str, images=None, budget=0) -> tuple[list[int], list[float]]:
+    def greedy(self, prompt: str, images=None, budget=0, token_reduction=None) -> tuple[list[int], list[float]]:
         """Greedy tokens and the raw log-probability of each (what vLLM reports). Several images are one sample's
         (a nested list: LLaVA-OneVision's multi-image treatment, as the plugin gives a prompt's images)."""
         images = [images] if images is not None and len(images) > 1 else images
@@ -113,7 +113,8 @@ class VisorReference:
         inputs.pop("attention_mask")
         tokens, logprobs = [], []
         for _ in range(NEW_TOKENS):
-            logits = self.model(input_ids=input_ids, **inputs, budget=budget, use_cache=False).logits[0, -1].float()
+            logits = self.model(input_ids=input_ids, **inputs, budget=budget, token_reduction=token_reduction,
+                                use_cache=False).logits[0, -1].float()
             token = int(logits.index_fill(0, torch.tensor([self.eos]), float("-inf")).argmax())
             tokens.append(token)
             logprobs.append(float(torch.log_softmax(logits, -1)[token]))

@@ -8,6 +8,7 @@
   (`get_mrope_input_positions`), which is how the text tokens get their positions in LLaVA-OneVision's dense
   sequence back. The three rows are equal, so the rotary embedding is Qwen2's plain 1-D one.
 - `decoder_start_token_id`: vLLM requires one; it is never used (`skip_decoder_start_token` in the processor).
+- `token_reduction` (as in `VisorConfig`): served too, shortening the encoder sequence; `served_token_reduction`.
 - `serve_self_attn_layers`: the fixed self-attention set S of this deployment (empty: budget 0). Set it at launch
   with `hf_overrides={"serve_self_attn_layers": [5]}`.
 
@@ -17,7 +18,7 @@ overrides.
 
 from __future__ import annotations
 
-from visor_hf.configuration_visor import VisorConfig
+from visor_hf.configuration_visor import VisorConfig, validate_token_reduction
 
 
 class VisorServingConfig(VisorConfig):
@@ -52,3 +53,10 @@ def register_config() -> None:
     from vllm.transformers_utils import config as vllm_config
 
     vllm_config._CONFIG_REGISTRY["visor"] = VisorServingConfig
+
+
+def served_token_reduction(config) -> dict | None:
+    """The deployment's token reduction in its full form (`visor_hf`'s `validate_token_reduction`), or None. Set it in
+    the checkpoint's config or at launch with `hf_overrides={"token_reduction": {"method": "visionzip",
+    "keep_ratio": 0.25}}` (vLLM applies overrides to a config already made, so it is validated here)."""
+    return validate_token_reduction(getattr(config, "token_reduction", None))

@@ -92,7 +92,7 @@ class DenseAttention(nn.Module):
         text_positions = request.visible + torch.arange(text_rows.shape[0], device=text_rows.device)
         visual_rows = torch.arange(request.visual.start, request.visual.stop, device=text_rows.device) + num_text
         rows = torch.cat([text_rows, visual_rows])
-        return rows[torch.argsort(torch.cat([text_positions, request.visual_positions()]))]
+        return rows[torch.argsort(torch.cat([text_positions, request.visual_order()]))]
 
     def decode(self, request, query, text_meta, visual_meta) -> torch.Tensor:
         """New text tokens read every visual token and the text tokens up to themselves, from the two caches."""

@@ -40,7 +40,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionMultiModalProjector,
 )
 
-from visor_hf.modeling_visor import VisorCPE
+from visor_hf.modeling_visor import VisorCPE, VisorTokenPacker
+from visor_hf.modeling_visor import VisorModel as VisorHFModel
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import CrossAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -52,7 +53,7 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiMo
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .config import served_self_attn_layers
+from .config import served_self_attn_layers, served_token_reduction
 from .dense_attention import DenseAttention
 from .processing import VisorDummyInputsBuilder, VisorMultiModalProcessor, VisorProcessingInfo
 from .step import StepLayout, grouped_attention
@@ -63,33 +64,37 @@ from .step import StepLayout, grouped_attention
 
 
 class VisorVisionEncoder(nn.Module):
-    """LLaVA-OneVision's visual tokens of one image, as `visor_hf` (transformers' `get_image_features`) makes them.
+    """LLaVA-OneVision's visual tokens of a prompt's images, made by `visor_hf`'s own code (`VisorModel.visual_features`,
+    `VisorModel.reduce_visual_tokens`, which run transformers' `get_image_features` and `pack_image_features`), so they
+    are `visor_hf`'s tokens exactly.
 
-    Holds the checkpoint's `vision_tower`, `multi_modal_projector` and `image_newline` (names unchanged) and `config`,
-    which transformers' `pack_image_features` reads."""
+    Holds what that code reads: the checkpoint's `vision_tower`, `multi_modal_projector`, `image_newline` (names
+    unchanged), `token_packer` (VISOR-TR packing, when the deployment packs) and `config`."""
 
-    def __init__(self, config):
+    pack_image_features = LlavaOnevisionModel.pack_image_features
+
+    def __init__(self, config, token_reduction: dict | None):
         super().__init__()
         self.config = config
+        self.token_reduction = token_reduction
         # in the served dtype (vLLM sets it as the default while it builds the model), not the config's
         self.vision_tower = AutoModel.from_config(config.vision_config, dtype=torch.get_default_dtype())
         self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+        if token_reduction is not None and token_reduction["method"] == "pack":
+            self.token_packer = VisorTokenPacker(config.text_config.hidden_size, token_reduction["pack_factor"])
+        if token_reduction is not None:  # visor_hf's checks: the packer's factor, the scoring layer's range
+            VisorHFModel.resolve_token_reduction(self, token_reduction)
 
-    def forward(self, crops: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
-        """crops (num_crops, 3, H, W) of one image of `image_size` (H, W) -> its visual tokens (N, hidden). An image
-        of a multi-image prompt comes with one crop (LLaVA-OneVision's multi-image treatment): base crop + newline."""
-        config = self.config
-        outputs = self.vision_tower(crops, output_hidden_states=True, return_dict=True)
-        features = outputs.hidden_states[config.vision_feature_layer]  # (num_crops, tokens per crop, vision hidden)
-        if config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
-        features = self.multi_modal_projector(features)
-        packed, _ = LlavaOnevisionModel.pack_image_features(
-            self, [features], image_size[None], image_newline=self.image_newline,
-            vision_aspect_ratio=config.vision_aspect_ratio,
-        )
-        return packed[0]
+    def forward(self, crops: torch.Tensor, image_sizes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """crops (num_crops, 3, H, W) of a prompt's images of `image_sizes` (n, 2) -> per image its kept visual tokens
+        (N_i, hidden) and their positions among the image's tokens before reduction (N_i,)."""
+        batch_num_images = torch.tensor([image_sizes.shape[0]])
+        if self.token_reduction is None:
+            features = VisorHFModel.visual_features(self, crops, image_sizes, batch_num_images)
+            return [(f, torch.arange(f.shape[0], device=f.device)) for f in features]
+        reduced, kept = VisorHFModel.reduce_visual_tokens(self, crops, image_sizes, batch_num_images, self.token_reduction)
+        return [(f, torch.nonzero(mask).flatten()) for f, mask in zip(reduced, kept)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,24 +158,30 @@ class VisorCrossAttention(nn.Module):
 
 @dataclass
 class VisualTokens:
-    """The visual tokens a step's prompts bring, concatenated in batch order, and which image each belongs to (the
-    CPE never mixes two images)."""
+    """The visual tokens a step's prompts bring, concatenated in batch order: which image each belongs to (the CPE
+    never mixes two images) and its index among its prompt's visual tokens before token reduction (its RoPE position
+    is that plus the text tokens before it)."""
 
     tokens: torch.Tensor  # (N, hidden)
     image_ids: torch.Tensor  # (N,)
+    full_index: torch.Tensor  # (N,)
 
     @classmethod
-    def of(cls, encoder_outputs: list[torch.Tensor] | None) -> "VisualTokens | None":
-        """From `embed_multimodal`'s outputs (one per prompt, image index in the last column): ids unique in the step."""
+    def of(cls, encoder_outputs: list[torch.Tensor] | None, dtype: torch.dtype) -> "VisualTokens | None":
+        """From `embed_multimodal`'s outputs (one per prompt; see there)."""
         if not encoder_outputs:
             return None
-        tokens, image_ids, first_id = [], [], 0
+        tokens, image_ids, full_index, first_id = [], [], [], 0
         for output in encoder_outputs:
             index = output[:, -1].round().long()
-            tokens.append(output[:, :-1])
+            tokens.append(output[:, :-2].to(dtype))
+            full_index.append(output[:, -2].round().long())
             image_ids.append(index + first_id)
             first_id += int(index.max()) + 1
-        return cls(torch.cat(tokens), torch.cat(image_ids))
+        return cls(torch.cat(tokens), torch.cat(image_ids), torch.cat(full_index))
+
+    def replace_tokens(self, tokens: torch.Tensor) -> "VisualTokens":
+        return VisualTokens(tokens, self.image_ids, self.full_index)
 
 
 class VisorTextModel(nn.Module):
@@ -202,7 +213,9 @@ class VisorTextModel(nn.Module):
         hidden = text if residual is None else text + residual
         with_visual = visual is not None and layout is not None and layout.num_visual > 0
         if with_visual:
-            visual_positions = torch.cat([r.visual_positions() for r in layout.requests if r.visual is not None])
+            visual_positions = torch.cat([
+                r.visual_rope_positions(visual.full_index[r.visual]) for r in layout.requests if r.visual is not None
+            ])
             hidden, positions = torch.cat([hidden, visual.tokens]), torch.cat([positions, visual_positions])
         layer.self_attn.attn.layout = layout
         try:
@@ -212,7 +225,7 @@ class VisorTextModel(nn.Module):
         out = out + residual
         if not with_visual:
             return out, visual
-        return out[: layout.num_text], VisualTokens(out[layout.num_text:], visual.image_ids)
+        return out[: layout.num_text], visual.replace_tokens(out[layout.num_text:])
 
 
 class VisorModel(nn.Module):
@@ -221,7 +234,7 @@ class VisorModel(nn.Module):
     def __init__(self, vllm_config: VllmConfig, prefix: str = "model"):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        self.vision = VisorVisionEncoder(config)
+        self.vision = VisorVisionEncoder(config, served_token_reduction(config))
         self.language_model = VisorTextModel(vllm_config, prefix=f"{prefix}.language_model")
         self.cross_attn = nn.ModuleDict({
             str(layer): VisorCrossAttention(config.text_config, config.cpe_kernel_size, vllm_config.cache_config,
@@ -229,7 +242,7 @@ class VisorModel(nn.Module):
             for layer in config.cross_attn_layers
         })
 
-    def step_layout(self, dense_positions: torch.Tensor) -> StepLayout | None:
+    def step_layout(self, positions: torch.Tensor) -> StepLayout | None:
         """The step's requests, read from the metadata of a text-token cache and of a visual-token cache."""
         text_layer = self.language_model.layers[0].self_attn.attn
         text_layer = text_layer.text if isinstance(text_layer, DenseAttention) else text_layer
@@ -238,14 +251,14 @@ class VisorModel(nn.Module):
         ]
         if not visual_caches:
             return None
-        return StepLayout.current(text_layer.layer_name, visual_caches[0].layer_name, dense_positions)
+        return StepLayout.current(text_layer.layer_name, visual_caches[0].layer_name, positions)
 
     def forward(self, input_ids, positions, inputs_embeds=None, encoder_outputs=None) -> torch.Tensor:
         """embed -> (Qwen2 layer, then its cross-attention if it has one) per layer -> norm."""
         dense_positions = positions[0] if positions.ndim == 2 else positions
         text = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        visual = VisualTokens.of(encoder_outputs)
-        layout = self.step_layout(dense_positions)
+        visual = VisualTokens.of(encoder_outputs, text.dtype)
+        layout = self.step_layout(positions)
         residual = None
         language_model = self.language_model
         for index, layer in enumerate(language_model.layers):
@@ -276,7 +289,7 @@ FUSED_TEXT_WEIGHTS = {
 }
 FUSED_CROSS_WEIGHTS = {".k_proj.": (".kv_proj.", 0), ".v_proj.": (".kv_proj.", 1)}
 IGNORED_PREFIXES = ("model.router.",)  # the router: a fixed budget never asks it
-VISION_PARTS = ("vision_tower.", "multi_modal_projector.", "image_newline")
+VISION_PARTS = ("vision_tower.", "multi_modal_projector.", "image_newline", "token_packer.")
 
 
 def parameter_name(name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, str | int | None]:
@@ -298,9 +311,6 @@ def parameter_name(name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, 
 
 def check_served(vllm_config: VllmConfig) -> None:
     """Refuse what this plugin does not serve, rather than serve something else."""
-    config = vllm_config.model_config.hf_config
-    if config.token_reduction is not None:
-        raise NotImplementedError(f"token_reduction={config.token_reduction}: not served by visor_vllm yet")
     if vllm_config.parallel_config.tensor_parallel_size > 1:
         raise NotImplementedError("tensor parallelism is not served by visor_vllm yet (use tensor_parallel_size=1)")
 
@@ -335,31 +345,36 @@ class VisorForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE
     # ---- positions ------------------------------------------------------------------------------
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
-        """LLaVA-OneVision's dense positions of the decoder prompt's text tokens: a token's index plus the visual
-        tokens of the images before it. Three equal rows (M-RoPE with equal rows is plain RoPE); decoding continues
-        at index + all visual tokens."""
+        """Per decoder token: row 0, its position in LLaVA-OneVision's dense sequence (index + visual tokens of the
+        images before it, before token reduction: RoPE); row 1, index + the visual tokens it may read (after
+        reduction: the image-causal cross-attention, `StepLayout`); row 2 = row 0. Decoding continues at index + all
+        visual tokens on every row (M-RoPE's delta); the new tokens read every visual token, so row 1 is not read."""
         num_tokens = len(input_tokens)
-        shift = torch.zeros(num_tokens + 1, dtype=torch.long)
+        full, kept = torch.zeros(num_tokens + 1, dtype=torch.long), torch.zeros(num_tokens + 1, dtype=torch.long)
         for feature in mm_features:  # one feature: all images of the prompt
-            shift.index_add_(0, feature.data["text_offset"].data, feature.data["num_visual_tokens"].data)
-        positions = torch.arange(num_tokens) + torch.cumsum(shift, 0)[:num_tokens]
-        return positions.expand(3, -1).clone(), int(shift.sum())
+            full.index_add_(0, feature.data["text_offset"].data, feature.data["num_visual_tokens"].data)
+            kept.index_add_(0, feature.data["text_offset"].data, feature.data["num_kept_tokens"].data)
+        index = torch.arange(num_tokens)
+        dense = index + torch.cumsum(full, 0)[:num_tokens]
+        return torch.stack([dense, index + torch.cumsum(kept, 0)[:num_tokens], dense]), int(full.sum())
 
     # ---- encoder ---------------------------------------------------------------------------------
 
     def embed_multimodal(self, **kwargs) -> tuple[torch.Tensor, ...]:
-        """One tensor per item (the images of one prompt): its visual tokens, image after image, (N, hidden + 1), the
-        last column holding each token's image index. vLLM hands the decoder one tensor per item, and the CPE must not
-        mix two images, so the index rides along. Images run one at a time (their crop counts differ)."""
+        """One float32 tensor per item (the images of one prompt), (N, hidden + 2): its kept visual tokens, image after
+        image, then two columns, each token's index among the prompt's visual tokens before token reduction and its
+        image index. vLLM hands the decoder one tensor per item, and the decoder needs both (RoPE positions of the
+        layers of S; the CPE must not mix images); float32 holds them exactly."""
         dtype = self.model.vision.multi_modal_projector.linear_1.weight.dtype
         outputs = []
-        for crops, num_crops, sizes in zip(kwargs["pixel_values"], kwargs["num_crops"], kwargs["image_sizes"]):
-            per_image = [
-                self.model.vision(image_crops.to(dtype), size)
-                for image_crops, size in zip(torch.split(crops, num_crops.tolist()), sizes)
+        for crops, sizes, full_counts in zip(kwargs["pixel_values"], kwargs["image_sizes"], kwargs["num_visual_tokens"]):
+            per_image = self.model.vision(crops.to(dtype), sizes)
+            starts = torch.cumsum(full_counts, 0) - full_counts  # each image's first token, before reduction
+            columns = [
+                torch.cat([f.float(), (positions + start)[:, None].float(), torch.full_like(positions, k)[:, None].float()], 1)
+                for k, ((f, positions), start) in enumerate(zip(per_image, starts.tolist()))
             ]
-            index = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor([f.shape[0] for f in per_image]))
-            outputs.append(torch.cat([torch.cat(per_image), index[:, None].to(per_image[0])], dim=1))
+            outputs.append(torch.cat(columns))
         return tuple(outputs)
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):

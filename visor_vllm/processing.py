@@ -6,12 +6,12 @@ A prompt `... <image>\\n question ...` becomes two prompts:
 - the encoder prompt: one placeholder token per visual token, image after image. Its length (the encoder length)
   is what vLLM sizes each request's cross-attention caches by, so it equals `visor_hf`'s visual-token count
   (`configuration_visor.num_visual_tokens`: anyres base crop + unpadded grid + newlines, or base crop + one newline
-  for an image of a multi-image prompt).
+  for an image of a multi-image prompt), or with token reduction the tokens `visor_hf` keeps.
 
 All images of a prompt are one multimodal item (`ImageGroupItems`): vLLM's encoder-decoder scheduler takes one encoder
 input per request, at the start of the encoder prompt. The item carries, per image, its pixels (LLaVA-OneVision's PIL
 image processor: all anyres crops, or the base crop for an image of a multi-image prompt), its size, its visual-token
-count and `text_offset`, how many decoder tokens precede it. The model turns the offsets into LLaVA-OneVision's dense
+count before and after token reduction and `text_offset`, how many decoder tokens precede it. The model turns the offsets into LLaVA-OneVision's dense
 RoPE positions (`VisorForConditionalGeneration.get_mrope_input_positions`) and into the image-causal cross-attention
 mask (text before an image does not read it).
 """
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+import math
 from functools import cached_property
 
 import torch
 from transformers import BatchFeature
 
 from visor_hf.configuration_visor import num_visual_tokens
+from visor_hf.modeling_visor import image_token_layout, reduction_segments
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems, ProcessorBatchItems
 from vllm.multimodal.processing import (
@@ -37,7 +39,7 @@ from vllm.multimodal.processing import (
 )
 
 TEXT_OFFSETS_KWARG = "visor_text_offsets"  # how `apply` hands the images' text offsets to `_call_hf_processor`
-FIELDS = ("pixel_values", "num_crops", "image_sizes", "text_offset", "num_visual_tokens")
+FIELDS = ("pixel_values", "num_crops", "image_sizes", "text_offset", "num_visual_tokens", "num_kept_tokens")
 
 
 class ImageGroupItems(ProcessorBatchItems):
@@ -80,6 +82,30 @@ class VisorProcessingInfo(BaseProcessingInfo):
     def num_image_tokens(self, width: int, height: int, multi_image: bool) -> int:
         """Visual tokens of one image: `visor_hf`'s one count."""
         return num_visual_tokens(self.get_hf_config(), (height, width), multi_image=multi_image)
+
+    @property
+    def token_reduction(self) -> dict | None:
+        from .config import served_token_reduction
+
+        return served_token_reduction(self.get_hf_config())
+
+    def num_kept_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """Visual tokens each image of a prompt keeps after the deployment's token reduction, `sizes` (height, width):
+        what `visor_hf`'s `reduce_image_tokens` keeps (newlines, then per segment ceil(n * keep_ratio) tokens, or
+        ceil(n / k) packed groups)."""
+        config, setting = self.get_hf_config(), self.token_reduction
+        multi_image = len(sizes) > 1
+        if setting is None:
+            return [self.num_image_tokens(w, h, multi_image) for h, w in sizes]
+        layout = image_token_layout(config, sizes, [len(sizes)])
+        counts = []
+        for is_newline, _, base_length in layout:
+            kept = int(is_newline.sum())
+            for segment in reduction_segments(is_newline, base_length, setting["method"]):
+                n = segment.numel()
+                kept += -(-n // setting["pack_factor"]) if setting["method"] == "pack" else math.ceil(n * setting["keep_ratio"])
+            counts.append(kept)
+        return counts
 
     def largest_image_size(self) -> tuple[int, int]:
         """(width, height) of the largest anyres pinpoint: the image with the most visual tokens."""
@@ -167,6 +193,7 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
             "image_sizes": sizes,
             "text_offset": torch.tensor(offsets, dtype=torch.long),
             "num_visual_tokens": torch.tensor(counts, dtype=torch.long),
+            "num_kept_tokens": torch.tensor(self.info.num_kept_tokens(sizes.tolist()), dtype=torch.long),
         }
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
@@ -178,6 +205,6 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
         if not mm_items.get_count("image", strict=False):
             return []
         sizes = mm_items.get_items("image", ImageGroupItems).image_sizes()
-        count = sum(self.info.num_image_tokens(w, h, len(sizes) > 1) for w, h in sizes)
+        count = sum(self.info.num_kept_tokens([(h, w) for w, h in sizes]))
         token = self.info.image_token_id
         return [PromptReplacement(modality="image", target=[token], replacement=[token] * count)]

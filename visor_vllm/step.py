@@ -6,8 +6,9 @@ at decode) and, at prefill, the visual tokens of the prompts that have images (`
 `StepLayout.current` reads the per-request split from vLLM's attention metadata once per step:
 
 - a request is a prompt when its sequence length equals its query length;
-- a prompt's text token at dense position p and decoder index i sits after p - i visual tokens: it may read those
-  (image-causal cross-attention), and visual token e sits at dense position e + (text tokens before it);
+- a prompt's text token at decoder index i may read the visual tokens before it (image-causal cross-attention): row 1
+  of its positions minus i (`VisorForConditionalGeneration.get_mrope_input_positions`); row 0 is its RoPE position;
+- visual token e of a prompt follows the text tokens that read fewer than e + 1 visual tokens;
 - the encoder length (visual tokens of the request) comes from a cross-attention layer's metadata.
 """
 
@@ -33,11 +34,20 @@ class RequestRows:
     visual: slice | None = None  # prompts with images: their visual tokens in the step's encoder output
     visible: torch.Tensor | None = None  # prompts: visual tokens each text token may read, (num_rows,)
 
-    def visual_positions(self) -> torch.Tensor:
-        """Dense RoPE positions of a prompt's visual tokens: visual token e follows the text tokens that read fewer
-        than e + 1 visual tokens (`visible` is non-decreasing)."""
+    def text_before_visual(self) -> torch.Tensor:
+        """Per visual token e of a prompt, the text tokens before it: those that read fewer than e + 1 visual tokens
+        (`visible` is non-decreasing)."""
         index = torch.arange(self.encoder_len, device=self.visible.device)
-        return index + torch.searchsorted(self.visible, index, right=True)
+        return torch.searchsorted(self.visible, index, right=True)
+
+    def visual_order(self) -> torch.Tensor:
+        """Where a prompt's visual tokens sit among its text and (kept) visual tokens, for ordering them."""
+        return torch.arange(self.encoder_len, device=self.visible.device) + self.text_before_visual()
+
+    def visual_rope_positions(self, full_index: torch.Tensor) -> torch.Tensor:
+        """RoPE positions of a prompt's visual tokens in the dense sequence: `full_index` (N,), each token's index among
+        the prompt's visual tokens before token reduction, plus the text tokens before it."""
+        return full_index + self.text_before_visual()
 
 
 @dataclass
@@ -49,9 +59,9 @@ class StepLayout:
     num_visual: int  # visual tokens brought by this step's prompts
 
     @classmethod
-    def current(cls, text_layer: str, cross_layer: str, dense_positions: torch.Tensor) -> "StepLayout | None":
-        """The running step's layout, from the metadata of one text layer and one cross-attention layer; None outside
-        a step with attention metadata (vLLM's profiling and dummy runs)."""
+    def current(cls, text_layer: str, cross_layer: str, positions: torch.Tensor) -> "StepLayout | None":
+        """The running step's layout, from the metadata of one text layer and one cross-attention layer and the
+        positions (3, N) the model computed; None outside a step with attention metadata (vLLM's profiling runs)."""
         if not is_forward_context_available():
             return None
         metadata = get_forward_context().attn_metadata
@@ -65,7 +75,7 @@ class StepLayout:
         for index, (start, end, seq_len, encoder_len) in enumerate(zip(starts, starts[1:], seq_lens, encoder_lens)):
             request = RequestRows(index, slice(start, end), seq_len == end - start, seq_len, encoder_len)
             if request.is_prompt:
-                request.visible = dense_positions[start:end] - torch.arange(end - start, device=dense_positions.device)
+                request.visible = positions[1, start:end] - torch.arange(end - start, device=positions.device)
                 if encoder_len:
                     request.visual = slice(visual_start, visual_start + encoder_len)
                     visual_start += encoder_len
