@@ -6,7 +6,8 @@
   config.json, where transformers' `generate` would take the model for an encoder-decoder one.
 - A top-level `rope_parameters` with an `mrope_section`: vLLM then asks the model for each prompt's positions
   (`get_mrope_input_positions`), which is how the text tokens get their positions in LLaVA-OneVision's dense
-  sequence back. The three rows are equal, so the rotary embedding is Qwen2's plain 1-D one.
+  sequence back. The text layers read row 0 with Qwen2's plain 1-D rotary embedding; row 1 carries how many visual
+  tokens each text token may read (see `model.VisorForConditionalGeneration.get_mrope_input_positions`).
 - `decoder_start_token_id`: vLLM requires one; it is never used (`skip_decoder_start_token` in the processor).
 - `token_reduction` (as in `VisorConfig`): served too, shortening the encoder sequence; `served_token_reduction`.
 - `serve_self_attn_layers`: the fixed self-attention set S of this deployment (empty: budget 0). Set it at launch

@@ -1,7 +1,8 @@
 """VISOR (VISion On Request) as a vLLM encoder-decoder model, with a fixed self-attention set S chosen at launch
 (`serve_self_attn_layers`; empty = budget 0).
 
-    encoder:  pixels --SigLIP--projector--anyres pack (+image_newline)--> V       (embed_multimodal, per image)
+    encoder:  pixels --SigLIP--projector--anyres pack (+image_newline)[--token reduction]--> V
+              (embed_multimodal: one encoder input per prompt, its images one after another)
     decoder:  text tokens only, at LLaVA-OneVision's dense RoPE positions
               for layer l:  if l in S: [V; T] = Qwen2Layer_l([V; T])  (dense order; KV: text cache + visual cache)
                             else:      T      = Qwen2Layer_l(T)       (KV cache: text only)
@@ -9,16 +10,16 @@
 
 Design choices:
 - vLLM's own pieces where they exist: `Qwen2DecoderLayer` (paged KV cache, `FullAttentionSpec`), `CrossAttention`
-  (`CrossAttentionSpec`, sized by the encoder length and written once at prefill). The vision tower, projector and
-  anyres packing are transformers' LLaVA-OneVision modules, run the way `visor_hf` runs them, so the visual tokens are
-  the same; the CPE is `visor_hf`'s module. vLLM's llava modules are not imported (they need torchvision).
+  (`CrossAttentionSpec`, sized by the encoder length and written once at prefill). The visual tokens are made by
+  `visor_hf`'s own code on transformers' SigLIP and projector (`VisorVisionEncoder`), so they are `visor_hf`'s, token
+  reduction included; the CPE is `visor_hf`'s module. vLLM's llava modules are not imported (they need torchvision).
 - Positions: the decoder prompt has no image placeholders, so vLLM's positions would be wrong. The model computes
-  each prompt's dense positions itself through vLLM's M-RoPE hook (`get_mrope_input_positions`, three equal rows,
-  decode continues at `+ encoder length`), and the text layers read the first row.
+  each prompt's positions itself through vLLM's M-RoPE hook (`get_mrope_input_positions`): row 0 is the dense RoPE
+  position, which the text layers read; decoding continues at `+ all visual tokens`.
 - Image-causal cross-attention: a text token reads only the images placed before it in the prompt (text before the
-  first image reads none). At prefill, the number of visual tokens a text token may read is its dense position minus
-  its index in the decoder prompt; those rows are recomputed from the fresh keys/values with that mask (prefill is
-  never chunked in vLLM's encoder-decoder mode). At decode every image precedes the new token, so vLLM's cached
+  first image reads none). At prefill, the number of visual tokens a text token may read is row 1 of its positions
+  minus its index in the decoder prompt (`step.StepLayout`); those rows are recomputed from the fresh keys/values with
+  that mask (prefill is never chunked in vLLM's encoder-decoder mode). At decode every image precedes the new token, so vLLM's cached
   cross-attention is exact. A request without images reads nothing: its cross-attention output is zero.
 - A layer of S is the same `Qwen2DecoderLayer`, called on the text and visual rows, with its attention module
   replaced by `dense_attention.DenseAttention` (text keys in the layer's cache, visual keys in a cross-attention-type
