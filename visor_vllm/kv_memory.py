@@ -12,7 +12,7 @@ layer slots. LLaVA-OneVision in vLLM is one group of all its layers over text + 
 
 Usage (prints a markdown table; the engine runs on the CPU backend):
     python -m visor_vllm.kv_memory DIR [--self-attn-layers 3,5] [--image 64x64] [--text-tokens 40]
-    python -m visor_vllm.kv_memory DIR --llava-ov-0.5b      # LLaVA-OV-0.5B's layer geometry, 8 + 8 VISOR layers
+    python -m visor_vllm.kv_memory DIR --llava-ov-0.5b --image 2304x2304   # LLaVA-OV-0.5B's geometry, 8 + 8 layers
 """
 
 from __future__ import annotations
@@ -73,6 +73,28 @@ def visor_specs(num_layers: int, cross_layers, self_attn_layers, num_kv_heads: i
     return specs
 
 
+def llava_ov_05b_rows(llm, image: str):
+    """VISOR on LLaVA-OV-0.5B's geometry (24 layers, 2 KV heads of 64, bf16; SigLIP-384/14, anyres_max_9; the default
+    8 cross-attention and 8 self-attention layers), groups planned by vLLM with the running engine's block size:
+    [(name, groups, visual tokens cached)], the layer count, the image's visual tokens and the text layers' spec."""
+    from visor_hf.configuration_visor import VisorConfig
+    from visor_hf.flops import token_reduction_counts
+
+    config = VisorConfig(text_config={"model_type": "qwen2", "num_hidden_layers": 24})  # SigLIP-384/14 by default
+    cross, selfs = config.cross_attn_layers, config.self_attn_layers
+    width, height = (int(x) for x in image.split("x"))
+    num_visual = num_visual_tokens(config, (height, width))
+    zip25 = token_reduction_counts(config, (height, width), {"method": "visionzip", "keep_ratio": 0.25})["kept"]
+    block = engine_groups(llm)[0][0].block_size
+    specs = lambda s: visor_specs(24, cross, s, 2, 64, block, torch.bfloat16)
+    rows = [
+        (f"VISOR budget 0 (|C| = {len(cross)})", planned_groups(llm, specs([])), num_visual),
+        (f"VISOR S = {selfs}", planned_groups(llm, specs(selfs)), num_visual),
+        (f"VISOR budget 0 + VisionZip 25% ({zip25} visual tokens)", planned_groups(llm, specs([])), zip25),
+    ]
+    return rows, 24, num_visual, specs([])["layers.0"]
+
+
 def table(rows) -> str:
     lines = ["| model | per-request KV (bytes) | vs LLaVA-OV |", "| --- | ---: | ---: |"]
     dense = rows[0][1]
@@ -87,7 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--image", default="64x64", help="image size WIDTHxHEIGHT")
     parser.add_argument("--text-tokens", type=int, default=40)
     parser.add_argument("--llava-ov-0.5b", dest="llava_ov_05b", action="store_true",
-                        help="LLaVA-OV-0.5B's geometry (24 layers, 2 KV heads of 64, bf16; 7,290 visual tokens)")
+                        help="LLaVA-OV-0.5B's geometry (24 layers, 2 KV heads of 64, bf16, SigLIP-384/14 anyres_max_9)")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
@@ -99,20 +121,15 @@ def main(argv=None) -> None:
     config = llm.llm_engine.vllm_config.model_config.hf_config
     text_spec = next(spec for spec, _ in engine_groups(llm) if type(spec).__name__ == "FullAttentionSpec")
     if args.llava_ov_05b:
-        num_layers, block, num_visual = 24, text_spec.block_size, 7290
-        cross, selfs = [2, 5, 8, 11, 14, 17, 20, 23], [1, 4, 7, 10, 13, 16, 19, 22]
-        specs = lambda s: visor_specs(num_layers, cross, s, 2, 64, block, torch.bfloat16)
-        make = lambda s: planned_groups(llm, specs(s))
-        text_spec = specs([])["layers.0"]
-        rows = [(f"budget 0 (|C| = {len(cross)})", make([])), (f"S = {selfs}", make(selfs))]
+        rows, num_layers, num_visual, text_spec = llava_ov_05b_rows(llm, args.image)
     else:
         num_layers = config.num_layers
         width, height = (int(x) for x in args.image.split("x"))
         num_visual = num_visual_tokens(config, (height, width))
-        rows = [(f"VISOR, S = {self_attn_layers} (this engine)", engine_groups(llm))]
+        rows = [(f"VISOR, S = {self_attn_layers} (this engine)", engine_groups(llm), num_visual)]
     num_text = args.text_tokens
     results = [("vLLM in-tree LLaVA-OV (dense)", dense_llava_bytes(text_spec, num_layers, num_text, num_visual))]
-    results += [(name, request_bytes(groups, num_text, num_visual)) for name, groups in rows]
+    results += [(name, request_bytes(groups, num_text, kept)) for name, groups, kept in rows]
     print(f"{num_text} text tokens, {num_visual} visual tokens, block size {text_spec.block_size}, "
           f"page {text_spec.page_size_bytes:,} bytes")
     print(table(results))
