@@ -92,7 +92,8 @@ class VisorProcessingInfo(BaseProcessingInfo):
     def num_kept_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
         """Visual tokens each image of a prompt keeps after the deployment's token reduction, `sizes` (height, width):
         what `visor_hf`'s `reduce_image_tokens` keeps (newlines, then per segment ceil(n * keep_ratio) tokens, or
-        ceil(n / k) packed groups)."""
+        ceil(n / k) packed groups). `visor_hf.flops.token_reduction_counts` counts the same for a single image; this
+        also takes the images of a multi-image prompt."""
         config, setting = self.get_hf_config(), self.token_reduction
         multi_image = len(sizes) > 1
         if setting is None:
@@ -118,7 +119,7 @@ class VisorProcessingInfo(BaseProcessingInfo):
 
 
 class VisorDummyInputsBuilder(BaseDummyInputsBuilder[VisorProcessingInfo]):
-    """Profiling inputs: one `<image>` of the largest pinpoint's size."""
+    """Profiling inputs: one `<image>` per image, each of the largest pinpoint's size."""
 
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return "<image>" * mm_counts.get("image", 0)
