@@ -96,11 +96,15 @@ class VisorReference:
     loses the text keys (its layers are called with the cache as `cache=`, which 5.19's Qwen2 layer does not read), so
     `generate` fails after the first step; the uncached forward is exact on every transformers line."""
 
-    def __init__(self):
+    def __init__(self, checkpoint: str = CHECKPOINT):
         from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-        self.processor = AutoProcessor.from_pretrained(CHECKPOINT, trust_remote_code=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT, trust_remote_code=True).eval()
+        # The checkpoint's own config class: once an engine ran in this process, AutoConfig maps "visor" to the
+        # plugin's serving config (encoder-decoder), which the model class refuses.
+        config = get_class_from_dynamic_module("configuration_visor.VisorConfig", checkpoint).from_pretrained(checkpoint)
+        self.processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+        self.model = AutoModelForImageTextToText.from_pretrained(checkpoint, config=config, trust_remote_code=True).eval()
         self.eos = self.model.config.text_config.eos_token_id
 
     @torch.no_grad()
