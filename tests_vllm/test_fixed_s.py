@@ -63,13 +63,16 @@ def test_kv_cache_specs(llm):
     assert len(visual_caches) == len(config.cross_attn_layers) + len(SELF_ATTN_LAYERS)
 
 
-def test_unknown_self_attention_set_is_refused():
+def test_served_self_attention_set_is_a_fixed_budget():
+    """`serve_self_attn_layers` reads as visor_hf's fixed budgets; an unknown set and "auto" are refused."""
     from visor_vllm.config import VisorServingConfig, served_self_attn_layers
 
     config = VisorServingConfig.from_pretrained(CHECKPOINT)
     assert served_self_attn_layers(config) == ()
-    config.update({"serve_self_attn_layers": [5, 3]})  # what vLLM does with hf_overrides
-    assert served_self_attn_layers(config) == (3, 5)
-    config.update({"serve_self_attn_layers": [1, 5]})  # not one of the checkpoint's configurations
-    with pytest.raises(ValueError, match="serve_self_attn_layers"):
-        served_self_attn_layers(config)
+    for value, layers in [([5, 3], (3, 5)), (1, (5,)), ("full", (1, 3, 5))]:
+        config.update({"serve_self_attn_layers": value})  # what vLLM does with hf_overrides
+        assert served_self_attn_layers(config) == layers
+    for value in ([1, 5], "auto", 7):  # not a configuration; the router; no configuration has 7 layers
+        config.update({"serve_self_attn_layers": value})
+        with pytest.raises(ValueError, match="serve_self_attn_layers"):
+            served_self_attn_layers(config)
