@@ -52,6 +52,7 @@ Usage:
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -105,9 +106,8 @@ def attend(query, key, value, allowed, implementation: str, scaling: float) -> t
         if num_queries > num_keys:
             raise ValueError(f"a causal mask needs at most as many queries as keys, got {num_queries} and {num_keys}")
         if implementation != "eager" and num_queries in (1, num_keys):
-            out = F.scaled_dot_product_attention(
-                query, key, value, is_causal=num_queries > 1, scale=scaling, enable_gqa=groups > 1
-            )
+            causal = num_queries > 1  # a Python branch, not is_causal=(Q > 1): compiled with dynamic shapes, Q > 1 is symbolic
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True if causal else False, scale=scaling, enable_gqa=groups > 1)
             return out.transpose(1, 2)
         allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device)
         allowed = allowed.tril(num_keys - num_queries)[None, None]
@@ -184,14 +184,16 @@ class VisualLayout:
     gaps: int  # the most images in one row, less one
 
     @classmethod
-    def of(cls, image_ids: torch.Tensor) -> "VisualLayout":
-        """image_ids (B, N), -1 for padding."""
+    def of(cls, image_ids: torch.Tensor, all_valid: bool | None = None, gaps: int | None = None) -> "VisualLayout":
+        """image_ids (B, N), -1 for padding. `all_valid` and `gaps`, if the caller knows them (`VisorModel.split_prompt`
+        reads them with the prompt's sizes), else read here in one host sync."""
         valid = image_ids >= 0
         starts = valid & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])
         rank = (torch.cumsum(starts.long(), dim=1) - 1).clamp(min=0)
         if not rank.numel():
             return cls(rank, True, 0)
-        all_valid, gaps = torch.stack([valid.all().long(), rank.max()]).tolist()  # one host sync for both
+        if all_valid is None or gaps is None:
+            all_valid, gaps = torch.stack([valid.all().long(), rank.max()]).tolist()
         return cls(rank, bool(all_valid), gaps)
 
     def to(self, device) -> "VisualLayout":
@@ -519,16 +521,20 @@ def check_prompt_inputs(
             f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected {tuple(input_ids.shape)} + (hidden size,), "
             "one embedding per token of input_ids (VISOR also needs input_ids to find the image placeholders)"
         )
-    counts = torch.stack([(input_ids == config.image_token_id).sum(), (input_ids == config.video_token_id).sum()])
-    num_placeholders, num_video_placeholders = counts.tolist()
+    counts = [(input_ids == config.image_token_id).sum(), (input_ids == config.video_token_id).sum()]
+    if pixel_values is not None and image_sizes is not None:  # read with the counts: one host sync for the prompt
+        counts.append((torch.as_tensor(image_sizes, device=input_ids.device) <= 0).any().long())
+    num_placeholders, num_video_placeholders, *bad_sizes = torch.stack(counts).tolist()
     check_video_inputs(pixel_values_videos, num_video_placeholders, config.video_token_id)
-    check_image_inputs(pixel_values, image_sizes, num_placeholders, config.image_token_id)
+    check_image_inputs(pixel_values, image_sizes, num_placeholders, config.image_token_id, any(bad_sizes))
     return num_placeholders, num_video_placeholders
 
 
-def check_image_inputs(pixel_values, image_sizes, num_placeholders: int, image_token_id: int) -> None:
+def check_image_inputs(
+    pixel_values, image_sizes, num_placeholders: int, image_token_id: int, nonpositive_sizes: bool
+) -> None:
     """Images as LLaVA-OneVision takes them: image_sizes (images, 2) beside pixel_values, and image placeholders in
-    input_ids exactly when images are given."""
+    input_ids exactly when images are given. `nonpositive_sizes`: some image size is <= 0 (read by the caller)."""
     if pixel_values is None:
         if num_placeholders:
             raise ValueError(f"input_ids hold {num_placeholders} image placeholder tokens but pixel_values is None")
@@ -539,7 +545,7 @@ def check_image_inputs(pixel_values, image_sizes, num_placeholders: int, image_t
         raise ValueError(
             f"image_sizes must be ({num_images}, 2), one (height, width) per image of pixel_values; got {seen}"
         )
-    if (torch.as_tensor(image_sizes) <= 0).any():
+    if nonpositive_sizes:
         raise ValueError(f"image_sizes must be positive heights and widths; got {torch.as_tensor(image_sizes).tolist()}")
     if num_placeholders == 0:
         raise ValueError(
@@ -656,6 +662,7 @@ class VisorPromptState:
     cross_key_values: dict = field(default_factory=dict)  # layer -> (keys, values) of CPE(V), filled at prefill
     # derived from `configurations` by `set_configurations`:
     visual_layers: frozenset = frozenset()  # layers some sample with images runs on its visual tokens
+    _runs: dict = field(default_factory=dict)  # layer -> per sample: runs it on its visual tokens (see visual_split)
     _splits: dict = field(default_factory=dict)  # see visual_split
     # static cache (`make_static`): tokens decoded so far, on the device, and where the prompt's keys end in each stream
     decoded: torch.Tensor | None = None
@@ -664,9 +671,15 @@ class VisorPromptState:
 
     def set_configurations(self, configurations: list[tuple[int, ...]]) -> None:
         """The self-attention layers of each sample (decided on the host, so no layer waits for the GPU to say so)."""
-        self.configurations = [tuple(c) for c in configurations]
-        runs = [set(c) for c, has_visual in zip(self.configurations, self.has_visual) if has_visual]
-        self.visual_layers = frozenset(set().union(*runs))
+        # operator.index: plain ints. Under torch.compile(dynamic=True), ints that cross a graph break arrive symbolic and
+        # membership tests (`layer in configuration`) on them go wrong; index() specialises them (a guard). The layers'
+        # decisions are kept as bools and a set of ints, made here, so no later frame tests membership in a configuration.
+        configurations = [tuple(map(operator.index, c)) for c in configurations]
+        self.configurations = configurations
+        self.visual_layers = frozenset(set().union(*[set(c) for c, has in zip(configurations, self.has_visual) if has]))
+        self._runs = {
+            layer: tuple(has and layer in c for c, has in zip(configurations, self.has_visual)) for layer in self.visual_layers
+        }
 
     def visual_split(self, layer: int) -> "RowSplit | str | None":
         """At prefill, who runs `layer` on visual tokens: None (no sample: a text-only layer), ALL_ROWS (every sample),
@@ -674,7 +687,7 @@ class VisorPromptState:
         index tensors are made once per distinct split."""
         if layer not in self.visual_layers:
             return None
-        runs = tuple(has_visual and layer in c for c, has_visual in zip(self.configurations, self.has_visual))
+        runs = self._runs[layer]
         if all(runs):
             return ALL_ROWS
         if runs not in self._splits:
@@ -779,7 +792,9 @@ class VisorPrompt:
                 f"{kind.capitalize()} features and {kind} tokens do not match: {num_placeholders} {kind} placeholder "
                 f"tokens in input_ids, {sum(lengths)} visual tokens from the pixels ({len(lengths)} {kind}s)"
             )
-        item_of_token = torch.repeat_interleave(torch.arange(len(lengths)) + first_id, torch.tensor(lengths))
+        item_of_token = torch.repeat_interleave(  # output_size: its length is known, so nothing waits for the device
+            torch.arange(len(lengths)) + first_id, torch.tensor(lengths), output_size=num_placeholders
+        )
         self.image_ids = self.image_ids.masked_scatter(placeholders, item_of_token.to(self.image_ids))
 
     def scatter_features(self, placeholders: torch.Tensor, features: list[torch.Tensor]) -> None:
@@ -1327,18 +1342,20 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             streams, state = self.split_prompt(prompt, self.resolve_budget(budget, input_ids.shape[0]))
         router_logits = routing_mask = None
         hidden_states = [] if output_hidden_states else None
-        for layer_idx in range(self.config.num_layers):
-            if layer_idx == self.config.router_layer and any(state.routing_pending):
-                router_logits, routing_mask = self.route_samples(streams, state, prompt.input_ids)
-            if route_only and layer_idx >= self.config.router_layer:
-                break
-            if output_hidden_states:
-                hidden_states.append(streams.text)
-            self.layer_step(layer_idx, streams, state, cache)
+        # Up to the router's layer, the router (a host decision), the rest: routing sits between two loops, not in one,
+        # so that under torch.compile its graph break does not send the whole layer loop back to eager.
+        routing = any(state.routing_pending)
+        split_at = min(self.config.router_layer, self.config.num_layers) if routing or route_only else self.config.num_layers
+        for layer_idx in range(split_at):
+            self.layer_step(layer_idx, streams, state, cache, hidden_states)
+        if routing:
+            router_logits, routing_mask = self.route_samples(streams, state, prompt.input_ids)
         if route_only:
             return VisorModelOutput(
                 self_attn_layers=state.configurations, router_logits=router_logits, routing_mask=routing_mask
             )
+        for layer_idx in range(self.config.router_layer if routing else self.config.num_layers, self.config.num_layers):
+            self.layer_step(layer_idx, streams, state, cache, hidden_states)
         hidden, hidden_states = self.finish(streams, state, prompt, cache, hidden_states)
         return VisorModelOutput(
             last_hidden_state=hidden, **{CACHE_FIELD: cache}, self_attn_layers=state.configurations,
@@ -1370,9 +1387,12 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 cache.make_static()
         return prompt.restore(streams.text_index, hidden), hidden_states
 
-    def layer_step(self, layer_idx: int, streams: VisorStreams, state: VisorPromptState, cache) -> None:
-        """One language-model layer, then its cross-attention if it has one; updates `streams`. Prefill and decode
-        both run through here. The layer is called through its own forward (module call), so hooks on it work."""
+    def layer_step(self, layer_idx: int, streams: VisorStreams, state: VisorPromptState, cache, hidden_states=None) -> None:
+        """One language-model layer, then its cross-attention if it has one; updates `streams` (and appends the layer's
+        input to `hidden_states` if given). Prefill and decode both run through here. The layer is called through its
+        own forward (module call), so hooks on it work."""
+        if hidden_states is not None:
+            hidden_states.append(streams.text)
         layer = self.language_model.layers[layer_idx]
         implementation = self.config.text_config._attn_implementation or "sdpa"
         split = state.visual_split(layer_idx) if streams.visual is not None else None  # prefill
@@ -1468,17 +1488,22 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         order), and set up the prompt state. The sizes the host needs come from the device in one sync."""
         is_visual, valid = prompt.is_visual, prompt.valid
         is_text = ~is_visual & valid  # padding belongs to neither stream: a sample pays for its own tokens only
-        counts = torch.stack([is_text.sum(1), is_visual.sum(1), valid.all(1)]).cpu()  # (3, B)
-        num_text, num_visual = int(counts[0].max()), int(counts[1].max())
+        image_ids = prompt.image_ids
+        media_starts = (image_ids >= 0) & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])  # first token of an item
+        # one host sync for every size the host needs (a plain list: compiled, that is one graph break, not one per read)
+        text_counts, visual_counts, row_valid, items = (
+            torch.stack([is_text.sum(1), is_visual.sum(1), valid.all(1).long(), media_starts.sum(1)]).tolist()
+        )
+        num_text, num_visual = max(text_counts), max(visual_counts)
         # visual positions first, then padding, then text: each stream's slots are its tokens, then filler positions
         order = torch.argsort(torch.where(is_visual, 0, 1 + is_text.to(torch.int8)), dim=1, stable=True)
         text_index, visual_index = order[:, order.shape[1] - num_text :], order[:, :num_visual]  # (B, Nt), (B, Nv)
         visual_valid = is_visual.gather(1, visual_index)
         state = VisorPromptState(
             is_visual=is_visual, dense_valid=valid, text_valid=is_text.gather(1, text_index),
-            visual_valid=visual_valid, has_visual=(counts[1] > 0).tolist(), num_layers=self.config.num_layers,
-            dense_padded=not bool(counts[2].all()), text_padded=bool((counts[0] < num_text).any()),
-            visual_padded=bool((counts[1] < num_visual).any()), seq_length=prompt.length, prompt_length=prompt.length,
+            visual_valid=visual_valid, has_visual=[n > 0 for n in visual_counts], num_layers=self.config.num_layers,
+            dense_padded=not all(row_valid), text_padded=any(n < num_text for n in text_counts),
+            visual_padded=any(n < num_visual for n in visual_counts), seq_length=prompt.length, prompt_length=prompt.length,
         )
         self.start_configurations(state, configurations)
         cos, sin = self.language_model.rotary_emb(prompt.embeds, prompt.position_ids)  # (B, S, d)
@@ -1490,7 +1515,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         if num_visual:
             streams.visual, streams.visual_index, streams.dense_rope = gather(prompt.embeds, visual_index), visual_index, (cos, sin)
             streams.visual_image_ids = torch.where(visual_valid, prompt.image_ids.gather(1, visual_index), -1)
-            streams.visual_layout = VisualLayout.of(streams.visual_image_ids) if self.cross_attn else None
+            streams.visual_layout = VisualLayout.of(
+                streams.visual_image_ids, all_valid=not state.visual_padded, gaps=max(items) - 1
+            ) if self.cross_attn else None
         return streams, state
 
     def start_configurations(self, state: VisorPromptState, configurations: list) -> None:
@@ -1508,14 +1535,15 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         config = self.config
         is_routing = input_ids.gather(1, streams.text_index) == config.routing_token_id  # (B, Nt)
         logits = self.router(streams.text)  # (B, Nt, num_configurations)
-        # Configurations are ordered by cost, so a larger index costs more. One copy to the host for all samples.
-        choice, is_routing_host = logits.argmax(-1).cpu(), is_routing.cpu()
+        # Configurations are ordered by cost, so a larger index costs more. One copy to the host for all samples, as
+        # plain lists (under torch.compile, one graph break).
+        choice, is_routing_host = torch.stack([logits.argmax(-1), is_routing.long()]).tolist()
         fallback = self._resolve_one_budget(config.default_budget if config.default_budget != "auto" else "full")
         configurations = list(state.configurations)
         for b, pending in enumerate(state.routing_pending):
             if pending:
-                picks = choice[b][is_routing_host[b]]
-                configurations[b] = tuple(config.configurations[int(picks.max())]) if picks.numel() else fallback
+                picks = [pick for pick, routes in zip(choice[b], is_routing_host[b]) if routes]
+                configurations[b] = tuple(config.configurations[max(picks)]) if picks else fallback
         state.routing_pending = [False] * len(configurations)
         state.set_configurations(configurations)
         return logits, is_routing
