@@ -106,6 +106,16 @@ def test_multi_image_prompt_split(llm, reference):
     assert item["text_offset"].data.tolist() == [start - 17 * k for k, start in enumerate(starts)]
 
 
+@pytest.mark.parametrize("num_placeholders, num_images", [(1, 0), (0, 1), (1, 2)])
+def test_placeholders_must_match_images(llm, num_placeholders, num_images):
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    processor = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.vllm_config.model_config)
+    data = processor.info.parse_mm_data({"image": [toy_image(k) for k in range(num_images)]} if num_images else {})
+    with pytest.raises(ValueError, match="placeholders"):
+        processor(chat_prompt("what?", num_images=num_placeholders), data)
+
+
 def test_kv_cache_specs(llm):
     """Text layers: full attention over the decoder's (text) tokens; cross-attention layers: a cross-attention spec,
     sized per request by the encoder length. No layer caches visual tokens as decoder tokens."""

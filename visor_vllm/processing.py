@@ -140,6 +140,10 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
         """Gather the prompt's images into one item (`group_images`) and note each image's text offset (decoder tokens
         before it), from the full prompt, for `_call_hf_processor`, which only sees the encoder prompt."""
         positions = [i for i, token in enumerate(inputs.prompt) if token == self.info.image_token_id]
+        num_images = inputs.mm_data_items.get_count("image", strict=False)
+        if len(positions) != num_images:
+            raise ValueError(f"the prompt holds {len(positions)} <image> placeholders for {num_images} images; "
+                             "give one placeholder per image")
         offsets = {TEXT_OFFSETS_KWARG: [p - k for k, p in enumerate(positions)]}
         inputs = dataclasses.replace(
             self.group_images(inputs), hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, **offsets}
@@ -173,9 +177,7 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
         size (H, W), text offset and visual-token count."""
         outputs = {name: [] for name in FIELDS}
         for images in hf_data.get("image_groups") or []:
-            offsets = list(hf_kwargs.get(TEXT_OFFSETS_KWARG) or [0] * len(images))
-            if len(offsets) != len(images):
-                raise ValueError(f"the prompt holds {len(offsets)} <image> placeholders for {len(images)} images")
+            offsets = list(hf_kwargs[TEXT_OFFSETS_KWARG])
             for name, value in self.image_group_inputs(images, offsets).items():
                 outputs[name].append(value)
         return BatchFeature(outputs)
