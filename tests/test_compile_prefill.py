@@ -36,6 +36,7 @@ def break_sites(model, inputs, **kwargs) -> set[tuple[str, str]]:
     """(file, function) of the innermost frame of each graph break of `model(**inputs)` under torch.compile."""
     torch._dynamo.reset()
     with torch.no_grad():
+        model(**inputs, **kwargs)  # eager first: one-time work (transformers installs its output hooks) is done
         explained = torch._dynamo.explain(lambda: model(**inputs, **kwargs).logits)()
     return {(b.user_stack[-1].filename, b.user_stack[-1].name) for b in explained.break_reasons if b.user_stack}
 

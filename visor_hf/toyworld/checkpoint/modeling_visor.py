@@ -144,10 +144,27 @@ VISOR_ATTENTION = "visor"
 def visor_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """The attention function of the language-model layers: `attend` with VISOR's boolean mask (or None), on the kernel
     the text config names ("sdpa" or "eager"; flash-attention checkpoints run SDPA, as VISOR's masks are not plain
-    causal). Returns (B, Q, h, d) and no weights, as transformers' attention functions do."""
+    causal). Returns (B, Q, h, d) and no weights, as transformers' attention functions do. Keys given as
+    `GroupedKeyValues` (a decoding step of a layer the samples ran differently): each group attends to its own keys."""
     kernel = module.config.text_config._attn_implementation or "sdpa"
     scaling = module.scaling if scaling is None else scaling
+    if isinstance(key, GroupedKeyValues):
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # (B, Q, h, d)
+        for rows, group_key, group_value, mask in zip(key.rows, key.keys, key.values, key.masks):
+            out = out.index_copy(0, rows, attend(query.index_select(0, rows), group_key, group_value, mask, kernel, scaling))
+        return out, None
     return attend(query, key, value, attention_mask, kernel, scaling), None
+
+
+@dataclass
+class GroupedKeyValues:
+    """The cached keys/values of one layer held per group of samples (`RowGroupCache`), with each group's rows and
+    mask: what `RowGroupsStep.update` hands a layer's attention in place of one key and one value tensor."""
+
+    rows: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    masks: list[torch.Tensor | None]
 
 
 AttentionInterface.register(VISOR_ATTENTION, visor_attention)
@@ -853,6 +870,25 @@ class RowGroupCache:
         return group
 
 
+class RowGroupsStep:
+    """The cache a layer sees in a decoding step when its samples ran it differently at prefill (`split_layer_step`):
+    the layer runs once on the whole batch (its weights read once), and only attention splits by group. `update` gives
+    each group its rows' new keys/values and returns all groups' keys/values as one `GroupedKeyValues`, which
+    `visor_attention` reads group by group. `masks`: each group's mask, for its rows."""
+
+    def __init__(self, groups: list["RowGroupCache"], masks: list[torch.Tensor | None]):
+        self.groups, self.masks = groups, masks
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        keys, values = [], []
+        for group in self.groups:
+            group_key, group_value = group.update(key.index_select(0, group.rows), value.index_select(0, group.rows), layer_idx)
+            keys.append(group_key)
+            values.append(group_value)
+        grouped = GroupedKeyValues([group.rows for group in self.groups], keys, values, self.masks)
+        return grouped, grouped
+
+
 def write_in_place(holder, key, value, start: int, decoded: torch.Tensor):
     """A static cache's update: `holder.keys`/`.values` (B, kvh, prompt + room, d) get the new keys/values at
     `start + decoded` onwards, in place (fixed shapes, no host sync). Returns the whole buffers."""
@@ -1405,9 +1441,13 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         elif split is not None:  # some samples run it on [V; T], the others on their text only
             self.split_layer_step(layer, layer_idx, streams, state, cache, split)
         elif cache is not None and layer_idx in cache.row_groups:  # decoding a layer the samples ran differently
-            for group in cache.row_groups[layer_idx]:
-                mask = state.dense_mask if group.runs_visual else state.text_mask
-                self.text_rows_step(layer, streams, mask(streams.text.shape[1]), group)
+            groups, num_new = cache.row_groups[layer_idx], streams.text.shape[1]
+            masks = [(state.dense_mask if group.runs_visual else state.text_mask)(num_new) for group in groups]
+            masks = [None if mask is None else mask.index_select(0, group.rows) for mask, group in zip(masks, groups)]
+            streams.text = layer(
+                streams.text, attention_mask=None, position_embeddings=streams.text_rope,
+                **{CACHE_FIELD: RowGroupsStep(groups, masks)},
+            )
         else:  # text only; when decoding, a layer every sample ran on [V; T] reads the visual keys its cache holds
             mask = state.dense_mask if layer_idx in state.visual_layers else state.text_mask
             streams.text = layer(
