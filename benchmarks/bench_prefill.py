@@ -28,6 +28,19 @@ What is measured, for each visual-token count N_v (prompt: N_t text tokens aroun
 Times are medians of --repeats runs after --warmup runs; each repeat runs every model once, round-robin, so
 background load hits them alike. CPU uses time.perf_counter, CUDA uses CUDA events.
 
+--compile: dense given the same help as VISOR. Both models' `forward` is compiled the same way,
+`model.forward = torch.compile(model.forward, dynamic=True)`, and so is the physical limit; the vision encoder, the
+same module for both, stays eager. Sizes are symbolic from the first call on, so a prompt of another length (another
+N_v) reuses the graphs; VISOR's budget is a Python value, and a budget that changes which layers run compiles its own
+graphs (graph breaks only at VISOR's host decisions: tests/test_compile_prefill.py). At each N_v every model first
+runs one untimed prefill + decode that compiles what the shape needs (before the --warmup runs, so memory is sampled
+after compiling); each row keeps the seconds of those two calls, compiling included (`compile_prefill_s`,
+`compile_decode_s`), the graphs Dynamo compiled in them (`graphs_compiled`) and in the warm-up and timed runs after
+them (`graphs_recompiled`, 0 when nothing recompiled). Decode timings go through the same compiled forward, on the
+prefill's dynamic cache (a decode step compiled whole on a static cache, with CUDA graphs, is
+`count_ops.py --compile`). Rows, files and the BENCHMARKS.md section are tagged "compiled" (`prefill_cuda-compiled`),
+so a compiled run never overwrites the eager tables.
+
 This script measures and writes the rows (`prefill_TAG.json` in --output-dir; a temporary folder with --smoke);
 `report.py` derives ratios and writes the table, target verdicts, plots and the BENCHMARKS.md section, and can
 redo that from the JSON alone. `--mixed-budgets` (one sample per budget, as one batch, against dense on the same batch
@@ -41,6 +54,7 @@ Usage:
     python benchmarks/bench_prefill.py --device cuda --language-model qwen2-7b --vision-tokens 2916 7290  # compute-bound
     python benchmarks/bench_prefill.py --device cuda --batch-size 8 --vision-tokens 2916                # throughput
     python benchmarks/bench_prefill.py --tiny-vision --mixed-budgets 0 0 0 0 2 2 4 8 --vision-tokens 1485  # mixed batch
+    python benchmarks/bench_prefill.py --device cuda --compile --vision-tokens 2916 --budgets 0 2 4 8   # both compiled
 """
 
 from __future__ import annotations
@@ -91,6 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts run together (the same prompt repeated; default 1). On a GPU a larger batch "
                              "turns launch-bound timings into arithmetic-bound ones")
+    parser.add_argument("--compile", action="store_true",
+                        help="both models' forward compiled with torch.compile(dynamic=True), dense LLaVA-OV given the "
+                             "same help; each model's first prefill + decode at each N_v compiles (untimed, before the "
+                             "warm-up); decode goes through the same compiled forward; rows, files and the "
+                             "BENCHMARKS.md section are tagged 'compiled'")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="with --compile: torch.compile's backend (default inductor); 'eager' or 'aot_eager' trace "
+                             "with Dynamo but generate no kernels: a quick check of the compiled path (tagged "
+                             "'compiled-BACKEND')")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (memory is sampled there)")
@@ -110,6 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--batch-size {args.batch_size}: must be at least 1")
     if args.batch_size > 1 and args.token_reduction:
         parser.error("--batch-size applies without --token-reduction only (the reduction tables are per prompt)")
+    if args.compile and (args.token_reduction or args.mixed_budgets is not None):
+        parser.error("--compile applies to the prefill table only: not with --token-reduction or --mixed-budgets")
+    if args.compile_backend != "inductor" and not args.compile:
+        parser.error("--compile-backend applies with --compile only")
     if args.mixed_budgets is not None:
         check_mixed_args(parser, args)
     if args.smoke:
@@ -178,13 +205,37 @@ def physical_limit(llava, visor, text_ids: torch.Tensor, features: torch.Tensor)
         cross.k_proj(visual), cross.v_proj(visual)
 
 
+def compile_models(llava, visor, backend: str):
+    """--compile: both models' forward compiled the same way, and the physical limit too; returns the latter."""
+    # each budget that changes the layers is a configuration of its own: more than Dynamo's default 8 per code object
+    torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error, not a frame run eagerly in a compiled table
+    for model in (llava, visor):
+        model.forward = torch.compile(model.forward, dynamic=True, backend=backend)  # nn.Module calls the attribute
+    return torch.compile(physical_limit, dynamic=True, backend=backend)
+
+
+@contextlib.contextmanager
+def counting_graphs(args, row: dict, key: str):
+    """--compile: adds the graphs Dynamo compiles inside the block to row[key] (without --compile: nothing)."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    yield
+    if args.compile:
+        row[key] = row.get(key, 0) + counters["stats"]["unique_graphs"] - before
+
+
 def new_row(model: str, budget, num_visual: int, num_text: int, num_crops: int) -> dict:
     return {"model": model, "budget": budget, "num_visual": num_visual, "num_text": num_text, "num_crops": num_crops,
             "prefill_s": [], "decode_s": [], "vision_s": []}
 
 
-def bench_size(args, llava, visor, budgets, num_visual: int, clock: Clock, generator) -> list[dict]:
-    """Every model at one N_v; returns one row per model (dense, each budget, physical limit)."""
+def bench_size(args, llava, visor, budgets, num_visual: int, clock: Clock, generator,
+               limit_fn=physical_limit) -> list[dict]:
+    """Every model at one N_v; returns one row per model (dense, each budget, physical limit). `limit_fn`: the
+    physical limit as run (compiled with --compile)."""
     config, device, dtype = visor.config, args.device, getattr(torch, args.dtype)
     crop = config.vision_config.image_size
     num_crops = default_num_crops(config, num_visual)
@@ -201,7 +252,13 @@ def bench_size(args, llava, visor, budgets, num_visual: int, clock: Clock, gener
     rows = {name: new_row(name, budget, num_visual, num_text, num_crops) for name, _, budget in entries}
     limit = new_row("physical limit", None, num_visual, num_text, num_crops)
 
+    run_limit = lambda: limit_fn(llava, visor, text_ids, features)
     with torch.inference_mode(), common.precomputed_image_features(llava, visor, features, num_images=batch):
+        if args.compile:
+            for name, model, budget in entries:
+                compile_run(args, rows[name], model, inputs, budget, clock)
+            with counting_graphs(args, limit, "graphs_compiled"):
+                _, limit["compile_prefill_s"] = clock(run_limit, retry=False)
         for repeat in range(args.warmup + args.repeats):
             timed = repeat >= args.warmup
             _, seconds = clock(lambda: common.vision_encoder(llava, pixel_values), retry=timed)
@@ -209,11 +266,21 @@ def bench_size(args, llava, visor, budgets, num_visual: int, clock: Clock, gener
                 for row in rows.values():
                     row["vision_s"].append(seconds)
             for name, model, budget in entries:
-                run_model(args, rows[name], model, inputs, budget, clock, first=repeat == 0, timed=timed)
-            _, seconds = clock(lambda: physical_limit(llava, visor, text_ids, features), retry=timed)
+                with counting_graphs(args, rows[name], "graphs_recompiled"):
+                    run_model(args, rows[name], model, inputs, budget, clock, first=repeat == 0, timed=timed)
+            with counting_graphs(args, limit, "graphs_recompiled"):
+                _, seconds = clock(run_limit, retry=timed)
             if timed:
                 limit["prefill_s"].append(seconds)
     return finish_rows(args, config, list(rows.values()), limit)
+
+
+def compile_run(args, row: dict, model, inputs: dict, budget, clock: Clock) -> None:
+    """--compile: one untimed prefill + decode, which compiles what this shape needs (nothing at a later N_v when the
+    sizes stayed symbolic); the row keeps both calls' seconds, compiling included, and the graphs compiled."""
+    with counting_graphs(args, row, "graphs_compiled"):
+        (token, cache, _), row["compile_prefill_s"] = clock(lambda: common.prefill(model, inputs, budget), retry=False)
+        _, row["compile_decode_s"] = clock(lambda: common.decode(model, token, cache, args.new_tokens), retry=False)
 
 
 def run_model(args, row: dict, model, inputs: dict, budget, clock: Clock, first: bool, timed: bool) -> None:
@@ -229,6 +296,7 @@ def run_model(args, row: dict, model, inputs: dict, budget, clock: Clock, first:
     if first:
         row["peak_memory"], row["kv_bytes"] = memory.peak_growth, kv_bytes
         row["self_attn_layers"] = list(layers[0]) if layers else None
+        row["next_token"] = token[:, 0].tolist()  # each prompt's greedy token after prefill (compiled vs eager)
     if timed:
         row["prefill_s"].append(prefill_s)
         row["decode_s"].append(decode_s / max(1, args.new_tokens))
@@ -274,7 +342,9 @@ def describe_run(args, kind: str, visor, clock: Clock, command: str, rows: list[
         title, section = f"Mixed-budget batch: VISOR [{budgets}] vs dense LLaVA-OV on the same batch ({device})", f"mixed-{tag}"
     elif kind == "prefill":
         name = common.LANGUAGE_MODELS[args.language_model][0]
-        title = (f"Prefill and decode: VISOR vs dense LLaVA-OV ({device}"
+        backend = "" if args.compile_backend == "inductor" else f", backend {args.compile_backend}"
+        compiled = f", both compiled (torch.compile, dynamic shapes{backend})" if args.compile else ""
+        title = (f"Prefill and decode{compiled}: VISOR vs dense LLaVA-OV ({device}"
                  f"{', ' + name if args.language_model != common.DEFAULT_LANGUAGE_MODEL else ''}"
                  f"{f', batch {args.batch_size}' if args.batch_size > 1 else ''})")
         section = tag
@@ -290,14 +360,27 @@ def describe_run(args, kind: str, visor, clock: Clock, command: str, rows: list[
 
 
 def measure_prefill(args, llava, visor, budgets, clock: Clock, generator) -> list[dict]:
+    limit_fn = compile_models(llava, visor, args.compile_backend) if args.compile else physical_limit
     rows = []
     for num_visual in args.vision_tokens:
         start = time.perf_counter()
-        size_rows = bench_size(args, llava, visor, budgets, num_visual, clock, generator)
+        size_rows = bench_size(args, llava, visor, budgets, num_visual, clock, generator, limit_fn)
         rows.extend(size_rows)
         print(f"N_v={num_visual} done in {time.perf_counter() - start:.0f}s", flush=True)
+        if args.compile:
+            print(compile_summary(size_rows), flush=True)
         print(report.prefill_table(size_rows), flush=True)
     return rows
+
+
+def compile_summary(rows: list[dict]) -> str:
+    """--compile: each row's first prefill and decode at this N_v (compiling included) and the graphs compiled."""
+    lines = ["compiling (each model's first prefill and decode at this N_v, compiling included):"]
+    for row in rows:
+        decode = f", decode {row['compile_decode_s']:.1f} s" if "compile_decode_s" in row else ""
+        lines.append(f"  {row['model']}: prefill {row['compile_prefill_s']:.1f} s{decode}; {row['graphs_compiled']} "
+                     f"graphs compiled, {row['graphs_recompiled']} in the runs after")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:

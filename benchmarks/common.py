@@ -396,12 +396,17 @@ def environment(args) -> str:
 
 
 def run_tag(args) -> str:
-    """Names a run's files and BENCHMARKS.md section: device, and what differs from the default shapes."""
+    """Names a run's files and BENCHMARKS.md section: device, what differs from the default shapes, and "-compiled"
+    for a run of compiled models (bench_prefill.py --compile), so that it never overwrites an eager run's."""
+    compiled = ""
+    if getattr(args, "compile", False):
+        backend = getattr(args, "compile_backend", "inductor")
+        compiled = "-compiled" + ("" if backend == "inductor" else "-" + backend)
     if args.smoke:
-        return "smoke-" + args.device
+        return "smoke-" + args.device + compiled
     return (args.device + ("-tiny-vision" if args.tiny_vision else "")
             + ("" if args.language_model == DEFAULT_LANGUAGE_MODEL else "-" + args.language_model)
-            + ("" if getattr(args, "batch_size", 1) == 1 else f"-batch{args.batch_size}"))
+            + ("" if getattr(args, "batch_size", 1) == 1 else f"-batch{args.batch_size}") + compiled)
 
 
 def shapes_text(args) -> str:

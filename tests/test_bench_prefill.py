@@ -5,6 +5,8 @@
 - The report (`benchmarks/report.py`) writes one table row per measured row, with ratios computed from the row
   values; its target verdicts flip when the numbers cross the target; it can be redone from the JSON alone.
 - A smoke run, typed as the README has it, writes nothing into benchmarks/results.
+- A --compile run compiles (Dynamo's counters), is tagged "compiled" beside the eager run, and gives its FLOPs and
+  greedy tokens.
 """
 
 import argparse
@@ -230,6 +232,38 @@ def test_mixed_budget_batch_rows_count_each_samples_flops_and_cache(tmp_path):
     assert cells[8] == f"{dense['prefill_s'] / mixed['prefill_s']:.1f}x"
     assert cells[10] == f"{len(MIXED) / mixed['prefill_s']:,.2f}"  # samples/s
     assert "batch [0 0 2 8]: speed-up" in table
+
+
+@pytest.mark.slow
+def test_compiled_run_is_tagged_compiled_compiles_and_matches_the_eager_run(tmp_path):
+    """--compile, with Dynamo's 'eager' backend (the compiled path without Inductor's code generation: about a
+    minute): its rows, files and BENCHMARKS.md section are tagged compiled and sit next to the eager run's; every
+    model compiled graphs at the first N_v (torch._dynamo's counters, as the script records them), VISOR and the
+    physical limit none at a second N_v (sizes stay symbolic), no model any in its warm-up and timed runs; and each
+    row has the eager row's FLOPs, layers and greedy token."""
+    benchmarks_md = tmp_path / "BENCHMARKS.md"
+    command = [str(BENCHMARKS / "bench_prefill.py"), "--smoke", "--output-dir", str(tmp_path), "--vision-tokens", "32",
+               "48", "--budgets", "2", "--benchmarks-md", str(benchmarks_md)]
+    run_script(command, tmp_path)
+    stdout = run_script(command + ["--compile", "--compile-backend", "eager"], tmp_path)
+    eager = json.loads((tmp_path / "prefill_smoke-cpu.json").read_text())
+    compiled = json.loads((tmp_path / "prefill_smoke-cpu-compiled-eager.json").read_text())
+    assert "compiled" in compiled["title"] and "compiled" not in eager["title"]
+    text = benchmarks_md.read_text()  # two sections: the compiled run did not overwrite the eager one
+    for section in ("smoke-cpu", "smoke-cpu-compiled-eager"):
+        assert text.count(f"<!-- bench_prefill:{section}:begin -->") == 1, section
+    assert "graphs compiled" in stdout
+    rows = {(row["num_visual"], row["model"]): row for row in compiled["rows"]}
+    assert set(rows) == {(row["num_visual"], row["model"]) for row in eager["rows"]}
+    for row in eager["rows"]:
+        twin, first_size = rows[row["num_visual"], row["model"]], row["num_visual"] == 32
+        for key in ("flops_llm", "self_attn_layers", "next_token", "kv_bytes"):
+            assert twin.get(key) == row.get(key), (row["model"], row["num_visual"], key)
+        assert twin["graphs_recompiled"] == 0, row["model"]
+        if first_size:
+            assert twin["graphs_compiled"] > 0, row["model"]
+        elif row["model"] != "dense":  # dense recompiles transformers' placeholder check, specialised on N_v
+            assert twin["graphs_compiled"] == 0, row["model"]
 
 
 def test_count_ops_shows_an_unpadded_decode_step_builds_no_masks():
