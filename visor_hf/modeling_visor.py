@@ -51,6 +51,7 @@ Usage:
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionPreTrainedModel,
     image_size_to_num_patches,
 )
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm
 from transformers.utils import ModelOutput
 
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
@@ -79,7 +80,9 @@ from .configuration_visor import (
     validate_token_reduction,
 )
 
-CACHE_FIELD = "cache" if TRANSFORMERS_V5 else "past_key_values"  # where generate() looks for the cache
+# The keyword that carries the cache into transformers' layers and generate(): `cache` in recent 5.x releases,
+# `past_key_values` in 4.57 and early 5.x (5.19 still); read from the layer's own signature, not the version number.
+CACHE_FIELD = "cache" if "cache" in inspect.signature(Qwen2DecoderLayer.forward).parameters else "past_key_values"
 
 try:  # transformers >= 5 initialises through wrappers that respect already-loaded weights
     from transformers import initialization as _init
@@ -996,11 +999,11 @@ class VisorCache(DynamicCache):
 @dataclass
 class VisorModelOutput(ModelOutput):
     """last_hidden_state: (B, S, H) at prefill (dense layout; values at image placeholders unspecified),
-    (B, n, H) when decoding n new tokens. The cache is in `cache` on transformers 5.x and in
-    `past_key_values` on 4.57 (the field each line's `generate` reads). `self_attn_layers`: the configuration each sample ran."""
+    (B, n, H) when decoding n new tokens. The cache is in `CACHE_FIELD` (`cache` on recent transformers 5.x,
+    `past_key_values` on 4.57: the field each line's `generate` reads). `self_attn_layers`: the configuration each sample ran."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    if TRANSFORMERS_V5:  # the field each line's generate() reads the cache from
+    if CACHE_FIELD == "cache":  # the field each line's generate() reads the cache from
         cache: VisorCache | None = None
     else:
         past_key_values: VisorCache | None = None
@@ -1019,7 +1022,7 @@ class VisorCausalLMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    if TRANSFORMERS_V5:
+    if CACHE_FIELD == "cache":
         cache: VisorCache | None = None
     else:
         past_key_values: VisorCache | None = None
