@@ -30,6 +30,19 @@ def perturb_new_parameters(model, seed=0):
     return model
 
 
+@pytest.fixture(scope="module")
+def routed_visor(llava):
+    """A model with a router: routing token 251 (`test_router.ROUTING_TOKEN_ID`), cross-attention (0, 3, 5), self-attention
+    (1, 4), new parameters perturbed (seed 1). Configurations (), (4,), (1, 4); the router reads before layer 1."""
+    from .test_router import ROUTING_TOKEN_ID
+
+    model = VisorForConditionalGeneration.from_llava_onevision(
+        llava, cross_attn_layers=[0, 3, 5], self_attn_layers=[1, 4], routing_token_id=ROUTING_TOKEN_ID
+    ).eval()
+    assert model.config.configurations == [[], [4], [1, 4]] and model.config.router_layer == 1
+    return perturb_new_parameters(model, seed=1)
+
+
 @pytest.fixture(scope="session")
 def visor(llava):
     """Default placement on the 6-layer tiny model: self-attention layers (1, 4), cross-attention (1, 3, 5)."""

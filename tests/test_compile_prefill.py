@@ -2,28 +2,17 @@
 graph only where the host must decide (how many placeholders, the two streams' sizes, the router's choice) or where
 transformers' LLaVA-OneVision breaks it too, and compiles once for every prompt length."""
 
-import pytest
 import torch
 
-from visor_hf import VisorForConditionalGeneration
 from visor_hf.testing import tiny_inputs
 
-from .conftest import perturb_new_parameters
-from .test_router import ROUTING_TOKEN_ID, with_routing_tokens
+from .test_router import with_routing_tokens
 
 # The prefill's host decisions: everything else runs in the graph.
 HOST_DECISIONS = {"check_prompt_inputs", "split_prompt", "route_samples"}
 # Sample budgets that make every kind of layer step: text only, every sample on [V; T], a split batch; and the router.
 BUDGET = [0, "full", "auto"]
 IMAGE_SIZES = [(32, 32), (32, 48), (48, 32)]
-
-
-@pytest.fixture(scope="module")
-def routed_visor(llava):
-    model = VisorForConditionalGeneration.from_llava_onevision(
-        llava, cross_attn_layers=[0, 3, 5], self_attn_layers=[1, 4], routing_token_id=ROUTING_TOKEN_ID
-    ).eval()
-    return perturb_new_parameters(model, seed=1)
 
 
 def prompts(llava, before: int, after: int) -> dict:

@@ -149,3 +149,18 @@ def test_loss_uses_labels_like_llava(visor, batch):
     out.loss.backward()
     assert visor.model.cross_attn["3"].gate.grad is not None
     visor.zero_grad()
+
+
+def test_a_checkpoints_copy_of_the_code_leaves_the_package_models_attention_alone(visor, batch):
+    """A process can hold two copies of modeling_visor: the package's and a checkpoint's (`trust_remote_code`). Each
+    registers its attention function with transformers' global registry; the package model must still run its own
+    (a mixed-budget decode passes it the package's `GroupedKeyValues`, which another copy's function would not know)."""
+    from transformers import AutoModelForImageTextToText
+
+    from visor_hf.demo import DEFAULT_MODEL
+
+    remote = AutoModelForImageTextToText.from_pretrained(DEFAULT_MODEL, trust_remote_code=True)
+    assert type(remote).__module__ != type(visor).__module__  # the checkpoint's own copy of the code is loaded
+    cached = greedy(visor, batch, [0, "full"], use_cache=True)
+    uncached = greedy(visor, batch, [0, "full"], use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)

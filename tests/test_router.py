@@ -3,23 +3,11 @@
 import pytest
 import torch
 
-from visor_hf import VisorForConditionalGeneration
 from visor_hf.testing import tiny_inputs
 
-from .conftest import IMAGE_SIZES, PROMPT_LENGTHS, perturb_new_parameters
+from .conftest import IMAGE_SIZES, PROMPT_LENGTHS
 
 ROUTING_TOKEN_ID = 251
-
-
-@pytest.fixture(scope="module")
-def routed_visor(llava):
-    model = VisorForConditionalGeneration.from_llava_onevision(
-        llava, cross_attn_layers=[0, 3, 5], self_attn_layers=[1, 4], routing_token_id=ROUTING_TOKEN_ID
-    ).eval()
-    perturb_new_parameters(model, seed=1)
-    # Configurations (), (4,), (1, 4): the router reads the routing token right before layer 1.
-    assert model.config.configurations == [[], [4], [1, 4]] and model.config.router_layer == 1
-    return model
 
 
 def with_routing_tokens(inputs, slots=(-1,)):

@@ -5,20 +5,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from visor_hf import VisorForConditionalGeneration
 from visor_hf.modeling_visor import CACHE_FIELD, VisorCache
 
-from .conftest import perturb_new_parameters
 from .test_generation import greedy
-from .test_router import ROUTING_TOKEN_ID, with_routing_tokens
-
-
-@pytest.fixture(scope="module")
-def routed_visor(llava):
-    model = VisorForConditionalGeneration.from_llava_onevision(
-        llava, cross_attn_layers=[0, 3, 5], self_attn_layers=[1, 4], routing_token_id=ROUTING_TOKEN_ID
-    ).eval()
-    return perturb_new_parameters(model, seed=1)
+from .test_router import with_routing_tokens
 
 
 @pytest.mark.parametrize("budget", [0, 1, "full", "auto", [0, "full"], ["auto", 1]])

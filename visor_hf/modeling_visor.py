@@ -141,7 +141,9 @@ def causal_allowed(key_valid: torch.Tensor, num_queries: int, first_query=None) 
 
 # The language model's own layers run VISOR's masks through transformers' attention interface: each layer's attention
 # looks up its function by `config._attn_implementation`, so its config names this one (see `VisorLayerConfig`).
-VISOR_ATTENTION = "visor"
+# One name per copy of this module: a process can hold the package's copy and a Hub checkpoint's (trust_remote_code),
+# and each copy's layers must call their own attention function (the registry is global; its types are per copy).
+VISOR_ATTENTION = f"visor[{__name__}]"
 
 
 def visor_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
