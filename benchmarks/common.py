@@ -37,8 +37,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 
 from visor_hf import VisorForConditionalGeneration
 from visor_hf.configuration_visor import TRANSFORMERS_V5
-
-CACHE_KW = "cache" if TRANSFORMERS_V5 else "past_key_values"  # the cache argument of the dense model's forward
+from visor_hf.modeling_visor import CACHE_FIELD as CACHE_KW  # the cache argument of both models' forward
 IMAGE_TOKEN_ID = 151646  # LLaVA-OV's <image>
 MiB = 2**20
 

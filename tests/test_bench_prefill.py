@@ -287,3 +287,14 @@ def test_profile_prefill_help_lists_the_shape_flags(capsys):
     help_text = capsys.readouterr().out
     for flag in ["--tiny-vision", "--smoke", "--language-model", "--budget", "--vision-tokens"]:
         assert flag in help_text
+
+
+def test_dense_model_is_given_its_cache_under_the_name_its_forward_takes():
+    """The benchmarks pass the cache as `common.CACHE_KW`; dense LLaVA-OV's forward must take that name, or it would
+    swallow the cache into **kwargs and decode every step without its past (as on transformers 5.17, which still says
+    `past_key_values`, while the name was chosen by the major version)."""
+    import inspect
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    assert common.CACHE_KW in inspect.signature(LlavaOnevisionForConditionalGeneration.forward).parameters
