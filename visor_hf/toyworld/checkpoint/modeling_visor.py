@@ -109,8 +109,10 @@ def attend(query, key, value, allowed, implementation: str, scaling: float) -> t
         if num_queries > num_keys:
             raise ValueError(f"a causal mask needs at most as many queries as keys, got {num_queries} and {num_keys}")
         if implementation != "eager" and num_queries in (1, num_keys):
-            causal = num_queries > 1  # a Python branch, not is_causal=(Q > 1): compiled with dynamic shapes, Q > 1 is symbolic
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=True if causal else False, scale=scaling, enable_gqa=groups > 1)
+            # is_causal must be a plain bool: compiled with dynamic shapes, `num_queries > 1` is symbolic, and branching on
+            # it in Python specialises it (a guard) where passing it to SDPA would break the graph
+            causal = True if num_queries > 1 else False
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling, enable_gqa=groups > 1)
             return out.transpose(1, 2)
         allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device)
         allowed = allowed.tril(num_keys - num_queries)[None, None]
@@ -196,6 +198,11 @@ class VisorLayerConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+def item_starts(image_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) image ids, -1 where no image or video -> (B, N) True at the first token of each item's run."""
+    return (image_ids >= 0) & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])
+
+
 @dataclass
 class VisualLayout:
     """Where the images sit in a (B, N) visual buffer. Computed once per prompt and shared by every CPE, so that the
@@ -210,8 +217,7 @@ class VisualLayout:
         """image_ids (B, N), -1 for padding. `all_valid` and `gaps`, if the caller knows them (`VisorModel.split_prompt`
         reads them with the prompt's sizes), else read here in one host sync."""
         valid = image_ids >= 0
-        starts = valid & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])
-        rank = (torch.cumsum(starts.long(), dim=1) - 1).clamp(min=0)
+        rank = (torch.cumsum(item_starts(image_ids).long(), dim=1) - 1).clamp(min=0)
         if not rank.numel():
             return cls(rank, True, 0)
         if all_valid is None or gaps is None:
@@ -1395,6 +1401,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             return VisorModelOutput(
                 self_attn_layers=state.configurations, router_logits=router_logits, routing_mask=routing_mask
             )
+        # (the start read from the config again, not `split_at`: a local that crosses the router's graph break arrives
+        # symbolic under torch.compile(dynamic=True), and so would every layer index)
         for layer_idx in range(self.config.router_layer if routing else self.config.num_layers, self.config.num_layers):
             self.layer_step(layer_idx, streams, state, cache, hidden_states)
         hidden, hidden_states = self.finish(streams, state, prompt, cache, hidden_states)
@@ -1533,12 +1541,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         order), and set up the prompt state. The sizes the host needs come from the device in one sync."""
         is_visual, valid = prompt.is_visual, prompt.valid
         is_text = ~is_visual & valid  # padding belongs to neither stream: a sample pays for its own tokens only
-        image_ids = prompt.image_ids
-        media_starts = (image_ids >= 0) & (image_ids != F.pad(image_ids, (1, 0), value=-1)[:, :-1])  # first token of an item
         # one host sync for every size the host needs (a plain list: compiled, that is one graph break, not one per read)
-        text_counts, visual_counts, row_valid, items = (
-            torch.stack([is_text.sum(1), is_visual.sum(1), valid.all(1).long(), media_starts.sum(1)]).tolist()
-        )
+        sizes = [is_text.sum(1), is_visual.sum(1), valid.all(1).long(), item_starts(prompt.image_ids).sum(1)]
+        text_counts, visual_counts, row_valid, items = torch.stack(sizes).tolist()
         num_text, num_visual = max(text_counts), max(visual_counts)
         # visual positions first, then padding, then text: each stream's slots are its tokens, then filler positions
         order = torch.argsort(torch.where(is_visual, 0, 1 + is_text.to(torch.int8)), dim=1, stable=True)
