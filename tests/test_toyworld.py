@@ -173,3 +173,70 @@ def test_kept_checkpoint_carries_the_package_code():
     for name in ("configuration_visor.py", "modeling_visor.py", "processing_visor.py"):
         with open(os.path.join(package, name), "rb") as ours, open(os.path.join(DEFAULT_MODEL, name), "rb") as kept:
             assert ours.read() == kept.read(), f"{name} of the kept checkpoint differs from visor_hf/{name}"
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory):
+    from visor_hf.toyworld.pipeline import run_seeds
+
+    root = tmp_path_factory.mktemp("toyworld_seeds")
+    run_seeds(str(root / "runs"), preset="ci", seeds=(3, 4), jobs=2, fresh_world_seed=7)
+    return root / "runs"
+
+
+@pytest.mark.slow
+def test_seeds_report_means_and_spreads_of_the_seeds_own_results(seeds_run):
+    import statistics
+
+    report = json.loads((seeds_run / "report" / "results.json").read_text())
+    per_seed = [json.loads((seeds_run / f"seed{s}" / "results.json").read_text()) for s in (3, 4)]
+    assert [r["seed"] for r in per_seed] == [3, 4]
+    # each seed drew its own world: the test images differ
+    assert (seeds_run / "seed3" / "data" / "test" / "000000.png").read_bytes() != (seeds_run / "seed4" / "data" / "test" / "000000.png").read_bytes()
+    merged = report["merged"]
+    for group in ("all", "coarse", "fine", "count_left"):
+        values = [r["dense"][group]["accuracy"] for r in per_seed]
+        entry = merged["dense"][group]["accuracy"]
+        assert entry["values"] == values and entry["mean"] == pytest.approx(sum(values) / 2)
+        assert entry["sd"] == pytest.approx(statistics.stdev(values))
+    auto = [r["budgets"]["auto"]["all"]["relative_flops"] for r in per_seed]
+    assert merged["budgets"]["auto"]["all"]["relative_flops"]["mean"] == pytest.approx(sum(auto) / 2)
+    assert len(report["claims"]["per_seed"]) == 2 and len(report["claims"]["mean"]) == 3
+    assert {row["family"] for row in report["families"]} == set(world.FAMILIES)
+    text = (seeds_run / "report" / "results.md").read_text()
+    assert "**3 (kept checkpoint)**" in text and "| 4 |" in text and " ± " in text
+    assert "seeds [3, 4]" in text and "fresh test split" in text
+    assert os.path.getsize(seeds_run / "report" / "results.png") > 1000
+
+
+@pytest.mark.slow
+def test_fresh_split_check_compares_the_kept_model_on_another_world(seeds_run, tmp_path):
+    from visor_hf.toyworld.pipeline import fresh_split_check
+
+    check = json.loads((seeds_run / "fresh_split.json").read_text())
+    reported = json.loads((seeds_run / "seed3" / "results.json").read_text())
+    assert check["world_seed"] == 7 and check["questions"] == 10
+    assert set(check["budgets"]) == set(reported["budgets"])
+    for name, kinds in check["budgets"].items():
+        for kind, entry in kinds.items():
+            assert entry["reported"] == reported["budgets"][name][kind]["accuracy"]
+            assert entry["difference"] == pytest.approx(entry["fresh"] - entry["reported"])
+    assert check["within"] == all(abs(e["difference"]) <= 0.05 for k in check["budgets"].values() for e in k.values())
+    # a fresh world's images are not the run's own test images
+    assert (seeds_run / "fresh_data" / "test" / "000000.png").read_bytes() != (seeds_run / "seed3" / "data" / "test" / "000000.png").read_bytes()
+    # a reported accuracy 50 points off is caught
+    shifted = json.loads(json.dumps(reported))
+    for summary in shifted["budgets"].values():
+        summary["coarse"]["accuracy"] = (summary["coarse"]["accuracy"] + 0.5) % 1.0
+    again = fresh_split_check(str(seeds_run / "seed3" / "final"), shifted, str(tmp_path / "fresh"), 7, 10)
+    assert again["within"] is False
+    assert all(abs(kinds["coarse"]["difference"]) >= 0.45 for kinds in again["budgets"].values())
+
+
+def test_seeds_command_refuses_repeated_seeds():
+    from visor_hf.toyworld.pipeline import main
+
+    for argv in (["seeds", "--workdir", "x", "--seeds", "0", "0"], ["seeds", "--workdir", "x", "--seeds", "0", "1", "--fresh-world-seed", "1"]):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+            main(argv)
+        assert "must differ" in err.getvalue()

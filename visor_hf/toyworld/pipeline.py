@@ -25,6 +25,7 @@ The training stages are subprocesses, exactly what a user types; the rest runs i
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -89,10 +90,11 @@ PRESETS = {
 class Run:
     """A work directory and the commands run in it."""
 
-    def __init__(self, workdir: str, preset_name: str):
+    def __init__(self, workdir: str, preset_name: str, seed: int = 0):
         self.workdir = os.path.abspath(workdir)
         self.preset_name = preset_name
         self.preset = PRESETS[preset_name]
+        self.seed = seed  # the world's (every split's images and questions) and every training stage's
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
         self.timings_path = self.path("timings.json")
         self.timings = json.load(open(self.timings_path)) if os.path.exists(self.timings_path) else {}
@@ -129,7 +131,7 @@ class Run:
             "--max_steps", str(steps), "--learning_rate", str(lr), "--per_device_train_batch_size",
             str(batch_size or p.batch_size), "--lr_scheduler_type", "cosine", "--warmup_steps",
             str(min(p.warmup_steps, max(1, steps // 10))), "--logging_steps", str(max(1, min(25, steps // 10))),
-            "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--use_cpu", "--disable_tqdm", "true",
+            "--save_strategy", "no", "--report_to", "none", "--seed", str(self.seed), "--use_cpu", "--disable_tqdm", "true",
             *p.extra_train_args,
         ]
 
@@ -149,7 +151,7 @@ def stage_data(run: Run) -> None:
 
     start = time.time()
     p = run.preset
-    write_world(run.path("data"), p.sizes, seed=0, questions_per_image={"train": p.questions_per_image})
+    write_world(run.path("data"), p.sizes, seed=run.seed, questions_per_image={"train": p.questions_per_image})
     run.record("data", time.time() - start)
 
 
@@ -158,7 +160,7 @@ def stage_dense(run: Run) -> None:
 
     p = run.preset
     options = DenseTrainingOptions(size=p.model, max_steps=p.dense_steps, batch_size=p.batch_size,
-                                   learning_rate=p.dense_lr, warmup_steps=p.warmup_steps,
+                                   learning_rate=p.dense_lr, warmup_steps=p.warmup_steps, seed=run.seed,
                                    logging_steps=max(1, min(25, p.dense_steps // 10)))
     start = time.time()
     train_dense(run.path("data"), run.path("dense"), options)
@@ -239,6 +241,7 @@ def stage_evaluate(run: Run) -> None:
     }
     results["machine"] = machine_description()
     results["preset"] = run.preset_name
+    results["seed"] = run.seed
     with open(run.path("results.json"), "w") as f:
         json.dump(results, f, indent=1)
     run.record("evaluate", time.time() - start)
@@ -309,11 +312,11 @@ def stage_checkpoint(run: Run, destination: str = CHECKPOINT_DIR) -> None:
 
 
 def run_pipeline(workdir: str, preset: str = "full", first: str = "data", last: str = "report",
-                 write_docs: bool = False, save_checkpoint_to: str | None = None) -> Run:
-    run = Run(workdir, preset)
+                 write_docs: bool = False, save_checkpoint_to: str | None = None, seed: int = 0) -> Run:
+    run = Run(workdir, preset, seed)
     stages = STAGES[STAGES.index(first) : STAGES.index(last) + 1]
     with open(run.path("preset.json"), "w") as f:
-        json.dump({"name": preset, **asdict(run.preset)}, f, indent=1)
+        json.dump({"name": preset, "seed": seed, **asdict(run.preset)}, f, indent=1)
     for stage in stages:
         print(f"[toyworld] === {stage} ===", flush=True)
         if stage == "data":
@@ -339,6 +342,96 @@ def run_pipeline(workdir: str, preset: str = "full", first: str = "data", last: 
     return run
 
 
+# --------------------------------------------------------------------------------------------------
+# Several seeds, and the kept checkpoint on a fresh world
+# --------------------------------------------------------------------------------------------------
+
+
+def fresh_split_check(model_dir: str, reported: dict, data_dir: str, world_seed: int, size: int,
+                      tolerance: float = 0.05) -> dict:
+    """Evaluate the VISOR model in `model_dir` on a test split of a world drawn with `world_seed` (written to
+    `data_dir`) at every budget `reported` has, and compare its accuracy per kind with `reported` (a run's
+    results.json). Returns {"world_seed", "questions", "tolerance", "budgets": {name: {kind: {"reported", "fresh",
+    "difference"}}}, "within"}: within is whether every |difference| <= tolerance."""
+    import torch
+
+    from ..modeling_visor import VisorForConditionalGeneration
+    from ..processing_visor import VisorProcessor
+    from .evaluate import evaluate, summarise
+    from .world import load_split, write_world
+
+    write_world(data_dir, {"test": size}, seed=world_seed)
+    test = load_split(data_dir, "test")
+    model = VisorForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = VisorProcessor.from_pretrained(model_dir)
+    check = {"world_seed": world_seed, "questions": size, "tolerance": tolerance, "budgets": {}}
+    with torch.inference_mode():
+        for name, summary in reported["budgets"].items():
+            budget = "auto" if name == "auto" else ast.literal_eval(name)  # names are str(tuple of layers)
+            fresh = summarise(evaluate(model, processor, test, data_dir, budget=budget))
+            check["budgets"][name] = {
+                kind: {"reported": summary[kind]["accuracy"], "fresh": fresh[kind]["accuracy"],
+                       "difference": fresh[kind]["accuracy"] - summary[kind]["accuracy"]}
+                for kind in ("all", "coarse", "fine")
+            }
+    check["within"] = all(abs(e["difference"]) <= tolerance for kinds in check["budgets"].values() for e in kinds.values())
+    return check
+
+
+def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | None = None, write_docs: bool = False,
+              save_checkpoint_to: str | None = None, fresh_world_seed: int = 1000) -> None:
+    """The whole pipeline once per seed (`{workdir}/seed{n}`, each a `run --seed n` subprocess, `jobs` at a time with
+    cores // jobs torch threads each), then: the report over seeds (the first seed's run is the kept one), its
+    checkpoint, and that checkpoint on a fresh test split of a world drawn with `fresh_world_seed`."""
+    from .report import write_seed_report
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    jobs = jobs or len(seeds)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    start, pending, running = time.time(), list(seeds), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            argv = [sys.executable, "-m", "visor_hf.toyworld", "run", "--workdir", os.path.join(workdir, f"seed{seed}"),
+                    "--preset", preset, "--seed", str(seed), "--to", "report"]
+            print(f"[toyworld] seed {seed}: {' '.join(argv[1:])} (log {workdir}/seed{seed}.log)", flush=True)
+            log = open(os.path.join(workdir, f"seed{seed}.log"), "w")
+            running.append((seed, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(5)
+        for entry in list(running):
+            seed, process, log = entry
+            if process.poll() is not None:
+                log.close()
+                running.remove(entry)
+                if process.returncode != 0:
+                    for _, other, _ in running:
+                        other.kill()
+                    tail = open(os.path.join(workdir, f"seed{seed}.log")).read()[-3000:]
+                    raise RuntimeError(f"seed {seed} failed (exit {process.returncode}); last lines of its log:\n{tail}")
+                print(f"[toyworld] seed {seed} done after {(time.time() - start) / 60:.1f} min", flush=True)
+    seed_dirs = [os.path.join(workdir, f"seed{seed}") for seed in seeds]
+    command = (f"python -m visor_hf.toyworld seeds --workdir {os.path.basename(workdir)} --preset {preset} --seeds "
+               + " ".join(map(str, seeds)) + f" --jobs {jobs}")
+    timings = {seed: json.load(open(os.path.join(d, "timings.json"))) for seed, d in zip(seeds, seed_dirs)}
+    with open(os.path.join(workdir, "seeds.json"), "w") as f:
+        json.dump({"seeds": list(seeds), "jobs": jobs, "threads": threads, "seconds": time.time() - start,
+                   "command": command, "timings": timings}, f, indent=1)
+    kept = seed_dirs[0]
+    print(f"[toyworld] fresh split: seed {seeds[0]}'s model on a world drawn with seed {fresh_world_seed}", flush=True)
+    reported = json.load(open(os.path.join(kept, "results.json")))
+    check = fresh_split_check(os.path.join(kept, "final"), reported, os.path.join(workdir, "fresh_data"), fresh_world_seed,
+                              PRESETS[preset].sizes["test"])
+    with open(os.path.join(workdir, "fresh_split.json"), "w") as f:
+        json.dump(check, f, indent=1)
+    write_seed_report(workdir, seed_dirs, results_dir=RESULTS_DIR if write_docs else os.path.join(workdir, "report"),
+                      write_docs=write_docs)
+    if save_checkpoint_to:
+        stage_checkpoint(Run(kept, preset, seeds[0]), save_checkpoint_to)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m visor_hf.toyworld", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,11 +445,29 @@ def main(argv=None) -> None:
                             help="Write the results into visor_hf/toyworld/results/, README.md and BENCHMARKS.md.")
     run_parser.add_argument("--save-checkpoint", nargs="?", const=CHECKPOINT_DIR, default=None, metavar="DIR",
                             help=f"Copy the routed model to DIR (default {CHECKPOINT_DIR}).")
+    run_parser.add_argument("--seed", type=int, default=0, help="The world's seed and every training stage's (default 0).")
+    seeds_parser = sub.add_parser("seeds", help="The whole pipeline once per seed, then the report over seeds.")
+    seeds_parser.add_argument("--workdir", required=True)
+    seeds_parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    seeds_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                              help="Seeds (default 0 1 2); the first one's model is the kept checkpoint.")
+    seeds_parser.add_argument("--jobs", type=int, default=None, help="Seeds run at once (default: all of them).")
+    seeds_parser.add_argument("--fresh-world-seed", type=int, default=1000,
+                              help="World seed of the fresh test split the kept model is checked on (default 1000).")
+    seeds_parser.add_argument("--write-docs", action="store_true",
+                              help="Write the results into visor_hf/toyworld/results/, README.md and BENCHMARKS.md.")
+    seeds_parser.add_argument("--save-checkpoint", nargs="?", const=CHECKPOINT_DIR, default=None, metavar="DIR",
+                              help=f"Copy the first seed's routed model to DIR (default {CHECKPOINT_DIR}).")
     report_parser = sub.add_parser("report", help="Regenerate the table, plot and docs from a finished run.")
     report_parser.add_argument("--workdir", required=True)
     report_parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run_pipeline(args.workdir, args.preset, args.first, args.last, args.write_docs, args.save_checkpoint)
+        run_pipeline(args.workdir, args.preset, args.first, args.last, args.write_docs, args.save_checkpoint, args.seed)
+    elif args.command == "seeds":
+        if len(set(args.seeds)) != len(args.seeds) or args.fresh_world_seed in args.seeds:
+            parser.error(f"--seeds {args.seeds} must differ from each other and from --fresh-world-seed {args.fresh_world_seed}")
+        run_seeds(args.workdir, args.preset, args.seeds, args.jobs, args.write_docs, args.save_checkpoint,
+                  args.fresh_world_seed)
     else:
         stage_report(Run(args.workdir, json.load(open(os.path.join(args.workdir, "preset.json")))["name"]), args.write_docs)

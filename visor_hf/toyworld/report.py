@@ -20,10 +20,14 @@ them) and a short model card.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import os
 import re
 import shutil
+import statistics
+
+from .world import KIND
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(os.path.dirname(PACKAGE_DIR))
@@ -36,12 +40,35 @@ def load_results(workdir: str) -> dict:
         return json.load(f)
 
 
+class Spread(float):
+    """A mean over seeds that keeps its spread: the sample standard deviation (`sd`) and the values. Arithmetic on it
+    gives plain floats (the claims are judged on means); the tables print it as "mean ± sd"."""
+
+    def __new__(cls, values):
+        values = [float(v) for v in values]
+        mean = float.__new__(cls, sum(values) / len(values))
+        mean.values = values
+        mean.sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return mean
+
+
 def _pct(x: float) -> str:
+    if isinstance(x, Spread):
+        return f"{100 * x:.1f} ± {100 * x.sd:.1f}"
     return f"{100 * x:.1f}"
+
+
+def _num(x: float, digits: int = 2) -> str:
+    if isinstance(x, Spread):
+        return f"{x:.{digits}f} ± {x.sd:.{digits}f}"
+    return f"{x:.{digits}f}"
 
 
 def _fewer(relative_flops: float) -> str:
     """A FLOPs fraction of dense (what evaluate.py records) in the package's one ratio direction: "N x fewer than dense"."""
+    if isinstance(relative_flops, Spread):
+        fewer = [1 / max(1e-9, v) for v in relative_flops.values]
+        return f"{sum(fewer) / len(fewer):.2f}x" + (f" ± {statistics.stdev(fewer):.2f}" if len(fewer) > 1 else "")
     return f"{1 / max(1e-9, relative_flops):.2f}x"
 
 
@@ -64,8 +91,7 @@ def claims(results: dict) -> list[dict]:
     ratio = auto["all"]["accuracy"] / max(1e-9, full["all"]["accuracy"])
     flops = auto["all"]["relative_flops"] / full["all"]["relative_flops"]
     layers_fine, layers_coarse = auto["fine"]["mean_self_attn_layers"], auto["coarse"]["mean_self_attn_layers"]
-    kind = {r["family"]: r["kind"] for r in results.get("rows", {}).get("dense", [])}
-    fine_families = [f for f in groups(results) if kind.get(f) == "fine"]
+    fine_families = [f for f in groups(results) if KIND.get(f) == "fine"]
     per_family_gain = "; ".join(
         f"{f}: {_pct(zero[f]['accuracy'])} % -> {_pct(full[f]['accuracy'])} % (dense {_pct(dense[f]['accuracy'])} %)"
         for f in fine_families)
@@ -99,7 +125,7 @@ def main_table(results: dict) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     dense = results["dense"]
-    lines.append(f"| dense LLaVA-OV (baseline) | all {model['num_layers']} | {_pct(dense['coarse']['accuracy'])} | "
+    lines.append(f"| dense LLaVA-OV (baseline) | all {int(model['num_layers'])} | {_pct(dense['coarse']['accuracy'])} | "
                  f"{_pct(dense['fine']['accuracy'])} | {_pct(dense['all']['accuracy'])} | 1.00x |")
     names = fixed_budgets(results)
     for i, name in enumerate(names):
@@ -109,7 +135,7 @@ def main_table(results: dict) -> str:
         lines.append(f"| {label} | {_layers(name)} | {_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | "
                      f"{_pct(s['all']['accuracy'])} | {_fewer(s['all']['relative_flops'])} |")
     s = results["budgets"]["auto"]
-    lines.append(f"| **VISOR, budget=\"auto\"** | router: {s['all']['mean_self_attn_layers']:.2f} on average | "
+    lines.append(f"| **VISOR, budget=\"auto\"** | router: {_num(s['all']['mean_self_attn_layers'])} on average | "
                  f"{_pct(s['coarse']['accuracy'])} | {_pct(s['fine']['accuracy'])} | {_pct(s['all']['accuracy'])} | "
                  f"{_fewer(s['all']['relative_flops'])} |")
     return "\n".join(lines)
@@ -117,9 +143,8 @@ def main_table(results: dict) -> str:
 
 def groups(results: dict) -> list[str]:
     families = [k for k in results["dense"] if k not in ("all", "coarse", "fine")]
-    kind = {r["family"]: r["kind"] for r in results.get("rows", {}).get("dense", [])}
     order = {"coarse": 0, "fine": 1}
-    return ["coarse", "fine"] + sorted(families, key=lambda f: (order.get(kind.get(f), 2), families.index(f)))
+    return ["coarse", "fine"] + sorted(families, key=lambda f: (order.get(KIND.get(f), 2), families.index(f)))
 
 
 def router_table(results: dict) -> str:
@@ -137,7 +162,7 @@ def router_table(results: dict) -> str:
         s = auto[group]
         shares = " | ".join(f"{_pct(s['configurations'].get(c, 0.0))} %" for c in configurations)
         label = f"**{group}**" if group in ("coarse", "fine") else group
-        lines.append(f"| {label} | {shares} | {s['mean_self_attn_layers']:.2f} | {_pct(s['accuracy'])} | "
+        lines.append(f"| {label} | {shares} | {_num(s['mean_self_attn_layers'])} | {_pct(s['accuracy'])} | "
                      f"{_pct(full[group]['accuracy'])} | {_fewer(s['relative_flops'])} |")
     return "\n".join(lines)
 
@@ -148,7 +173,7 @@ def family_table(results: dict) -> str:
     lines = ["| questions (count) | " + " | ".join(header) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
     for group in ["all"] + groups(results):
         stats = [results["dense"] if n == "dense" else results["budgets"][n] for n in names]
-        lines.append(f"| {group} ({stats[0][group]['questions']}) | " + " | ".join(_pct(s[group]["accuracy"]) for s in stats) + " |")
+        lines.append(f"| {group} ({int(stats[0][group]['questions'])}) | " + " | ".join(_pct(s[group]["accuracy"]) for s in stats) + " |")
     return "\n".join(lines)
 
 
@@ -265,6 +290,242 @@ def write_report(workdir: str, results_dir: str, write_docs: bool = False) -> st
         replace_block(os.path.join(REPO_DIR, "README.md"), MARKERS["README.md"], readme)
         benchmarks = markdown(results, workdir) + f"\n\n![accuracy vs FLOPs]({relative_plot})"
         replace_block(os.path.join(REPO_DIR, "BENCHMARKS.md"), MARKERS["BENCHMARKS.md"], benchmarks)
+    print(text)
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Several seeds
+# --------------------------------------------------------------------------------------------------
+
+
+def _by_size(results: dict, names: list[str]) -> dict:
+    """`results` with its fixed configurations renamed, by number of layers, to `names` (the kept seed's): the
+    configuration search may pick other layers on another seed; budget k is compared with budget k."""
+    own = fixed_budgets(results)
+    sizes = {len(ast.literal_eval(n)): n for n in own}
+    rename = {sizes[len(ast.literal_eval(n))]: n for n in names if len(ast.literal_eval(n)) in sizes}
+
+    def renamed(mapping: dict) -> dict:
+        return {rename.get(k, k): v for k, v in mapping.items() if k in rename or k not in own}
+
+    out = copy.deepcopy(results)
+    out["budgets"] = renamed(out["budgets"])
+    for summary in out["budgets"].values():
+        for group in summary.values():
+            if isinstance(group, dict) and "configurations" in group:
+                group["configurations"] = renamed(group["configurations"])
+    return out
+
+
+def merge_seeds(runs: list[dict]) -> dict:
+    """Several seeds' results (the first is the kept one) merged leaf by leaf: every number becomes a `Spread`;
+    strings, flags and lists of numbers are the first seed's. Configuration shares a seed lacks count as 0."""
+    names = fixed_budgets(runs[0])
+    runs = [runs[0]] + [_by_size(r, names) for r in runs[1:]]
+
+    def merge(items, zero_missing=False):
+        first = items[0]
+        if isinstance(first, dict):
+            keys = list(dict.fromkeys(k for i in items for k in i)) if zero_missing else [k for k in first if all(k in i for i in items)]
+            return {k: merge([i.get(k, 0.0) for i in items], zero_missing=False) if zero_missing
+                    else merge([i[k] for i in items], zero_missing=(k == "configurations")) for k in keys}
+        if isinstance(first, list) and first and all(isinstance(x, dict) for x in first) and len({len(i) for i in items}) == 1:
+            return [merge([i[j] for i in items]) for j in range(len(first))]
+        if isinstance(first, bool) or not isinstance(first, (int, float)):
+            return first
+        return Spread(items)
+
+    merged = merge([{k: v for k, v in r.items() if k != "rows"} for r in runs])
+    merged["seeds"] = [r.get("seed", i) for i, r in enumerate(runs)]
+    return merged
+
+
+def family_verdicts(results: dict) -> list[dict]:
+    """Per family: (a) on a coarse family (budget 0 within 3 points of dense), (b) on a fine one (full >= budget 0 +
+    10 points); (c)'s accuracy part on every family (auto >= 99 % of full's accuracy)."""
+    names = fixed_budgets(results)
+    zero, full, auto, dense = (results["budgets"][names[0]], results["budgets"][names[-1]], results["budgets"]["auto"],
+                               results["dense"])
+    rows = []
+    for family in groups(results)[2:]:
+        if KIND.get(family) == "coarse":
+            criterion, holds = "(a) budget 0 >= dense - 3", zero[family]["accuracy"] - dense[family]["accuracy"] >= -COARSE_THRESHOLD
+        else:
+            criterion, holds = "(b) full >= budget 0 + 10", full[family]["accuracy"] - zero[family]["accuracy"] >= FINE_GAIN
+        auto_holds = auto[family]["accuracy"] >= AUTO_ACCURACY * full[family]["accuracy"]
+        rows.append({"family": family, "kind": KIND.get(family), "criterion": criterion, "holds": bool(holds),
+                     "auto_holds": bool(auto_holds), "dense": dense[family]["accuracy"], "zero": zero[family]["accuracy"],
+                     "full": full[family]["accuracy"], "auto": auto[family]["accuracy"],
+                     "auto_layers": auto[family].get("mean_self_attn_layers", 0.0)})
+    return rows
+
+
+def _verdict(holds: bool) -> str:
+    return "holds" if holds else "does not hold"
+
+
+def seed_claims_block(merged: dict, runs: list[dict]) -> str:
+    """Each claim judged on the seeds' means, with its verdict on every seed."""
+    lines = []
+    per_seed = [claims(r) for r in runs]
+    for i, claim in enumerate(claims(merged)):
+        seeds = ", ".join(f"seed {r.get('seed', j)}: {_verdict(c[i]['holds'])}" for j, (r, c) in enumerate(zip(runs, per_seed)))
+        lines.append(f"- {claim['claim']}: **{_verdict(claim['holds'])}** on the mean of {len(runs)} seeds ({seeds}). "
+                     f"Means: {claim['evidence']}.")
+    return "\n".join(lines)
+
+
+def family_verdict_table(merged: dict, runs: list[dict]) -> str:
+    per_seed = [{row["family"]: row for row in family_verdicts(r)} for r in runs]
+    lines = ["| family | kind | criterion | dense % | budget 0 % | full % | auto % | auto's layers | verdict (mean) "
+             "| verdict per seed | auto >= 99 % of full (mean) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for row in family_verdicts(merged):
+        seeds = " / ".join(_verdict(s[row["family"]]["holds"]) for s in per_seed)
+        lines.append(f"| {row['family']} | {row['kind']} | {row['criterion']} | {_pct(row['dense'])} | {_pct(row['zero'])} | "
+                     f"{_pct(row['full'])} | {_pct(row['auto'])} | {_num(row['auto_layers'])} | **{_verdict(row['holds'])}** | "
+                     f"{seeds} | {'yes' if row['auto_holds'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def seed_table(runs: list[dict], kept: int) -> str:
+    """One row per seed: accuracy per kind of dense, budget 0, full and auto, and auto's FLOPs; the kept seed marked."""
+    lines = ["| seed | dense coarse / fine % | budget 0 coarse / fine % | full coarse / fine % | auto coarse / fine % "
+             "| auto FLOPs: x fewer than dense | dense's lowest family |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for results in runs:
+        names = fixed_budgets(results)
+        pair = lambda s: f"{_pct(s['coarse']['accuracy'])} / {_pct(s['fine']['accuracy'])}"
+        worst = min(groups(results)[2:], key=lambda f: results["dense"][f]["accuracy"])
+        seed = results.get("seed")
+        label = f"**{seed} (kept checkpoint)**" if seed == kept else str(seed)
+        lines.append(f"| {label} | {pair(results['dense'])} | {pair(results['budgets'][names[0]])} | "
+                     f"{pair(results['budgets'][names[-1]])} | {pair(results['budgets']['auto'])} | "
+                     f"{_fewer(results['budgets']['auto']['all']['relative_flops'])} | {worst} "
+                     f"{_pct(results['dense'][worst]['accuracy'])} % |")
+    return "\n".join(lines)
+
+
+def fresh_split_table(check: dict) -> str:
+    lines = [f"The kept checkpoint on a fresh test split ({check['questions']} questions of a world drawn with seed "
+             f"{check['world_seed']}, not seen in training, search or labelling) against its reported accuracy "
+             f"(criterion: within {100 * check['tolerance']:.0f} points per kind): **{'within' if check['within'] else 'NOT within'}**.",
+             "", "| budget | kind | reported % | fresh split % | difference (points) |", "| --- | --- | ---: | ---: | ---: |"]
+    for name, kinds in check["budgets"].items():
+        label = name if name == "auto" else _layers(name)
+        for kind, entry in kinds.items():
+            lines.append(f"| {label} | {kind} | {_pct(entry['reported'])} | {_pct(entry['fresh'])} | "
+                         f"{100 * entry['difference']:+.1f} |")
+    return "\n".join(lines)
+
+
+def seeds_provenance(merged: dict, seeds_info: dict) -> str:
+    machine, model = merged["machine"], merged["model"]
+    return (f"Run: `{seeds_info['command']}`, preset `{merged['preset']}`, seeds {merged['seeds']} (each seed draws its own "
+            f"world and trains with its own seed), {seeds_info['jobs']} at a time with {seeds_info['threads']} torch "
+            f"thread(s) each, on {int(machine['cpu_count'])} CPU cores ({machine['processor']}), torch {machine['torch']}, "
+            f"transformers {machine['transformers']}: {seeds_info['seconds'] / 60:.0f} min in all. Per seed, stage times (min): "
+            + "; ".join(f"seed {seed}: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in t.items())
+                        for seed, t in seeds_info["timings"].items())
+            + f". Dense model {model['dense_num_parameters'] / 1e6:.2f} M parameters, VISOR {model['num_parameters'] / 1e6:.2f} M; "
+            f"{int(model['num_layers'])} language-model layers, cross-attention after {model['cross_attn_layers']}, "
+            f"self-attention layers {model['self_attn_layers']}, the kept seed's viable configurations "
+            f"{model['configurations']} (other seeds' searches may pick other layers: budgets are compared by size). "
+            f"Test set: {int(merged['dense']['all']['questions'])} questions a seed, one per image. ± is the standard "
+            f"deviation over the seeds.")
+
+
+def seed_markdown(merged: dict, runs: list[dict], seeds_info: dict, check: dict | None) -> str:
+    kept = runs[0].get("seed")
+    return "\n\n".join([
+        main_table(merged),
+        f"Mean ± standard deviation over seeds {merged['seeds']}; the kept checkpoint (`visor_hf/toyworld/checkpoint`) is seed "
+        f"{kept}'s. Accuracy is exact match of the one-word answer (greedy); FLOPs are the language model's prefill "
+        "(`visor_hf.flops`, the router's MLP included for \"auto\"; the vision encoder, the same for all, is left out).",
+        "The paper's claims on this world (criteria fixed before the run):\n\n" + seed_claims_block(merged, runs),
+        "Per family:\n\n" + family_verdict_table(merged, runs),
+        "Per seed:\n\n" + seed_table(runs, kept),
+        f"What the router picks (seed {kept}, the kept checkpoint; share of test questions per configuration):\n\n"
+        + router_table(runs[0]),
+        "Accuracy (%) per question family:\n\n" + family_table(merged),
+        *(["Token reduction (training-free pruning at the share of visual tokens kept; the paper's claim is that "
+           "pruning hurts fine-grained questions most):\n\n" + reduction_table(merged)] if merged.get("reduction") else []),
+        *([fresh_split_table(check)] if check else []),
+        seeds_provenance(merged, seeds_info),
+    ])
+
+
+def seed_plot(merged: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    names = fixed_budgets(merged)
+    sd = lambda x: 100 * getattr(x, "sd", 0.0)
+    for group, colour in (("coarse", "tab:blue"), ("fine", "tab:red")):
+        stats = [merged["budgets"][n][group] for n in names]
+        ax.errorbar([s["relative_flops"] for s in stats], [100 * s["accuracy"] for s in stats],
+                    yerr=[sd(s["accuracy"]) for s in stats], fmt="o-", color=colour, capsize=3, label=f"{group}: fixed budgets")
+        for n, s in zip(names, stats):
+            ax.annotate(str(len(ast.literal_eval(n))), (s["relative_flops"], 100 * s["accuracy"]),
+                        textcoords="offset points", xytext=(4, -10), fontsize=8, color=colour)
+        auto, dense = merged["budgets"]["auto"][group], merged["dense"][group]
+        ax.errorbar([auto["relative_flops"]], [100 * auto["accuracy"]], yerr=[sd(auto["accuracy"])], fmt="*", ms=14,
+                    color=colour, capsize=3, label=f"{group}: auto")
+        ax.errorbar([1.0], [100 * dense["accuracy"]], yerr=[sd(dense["accuracy"])], fmt="s", ms=8, mfc="none",
+                    color=colour, capsize=3, label=f"{group}: dense")
+    ax.set_xlabel("language-model prefill FLOPs relative to dense LLaVA-OV")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"VISOR on the toy world, {len(merged['seeds'])} seeds (numbers: self-attention layers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plain(value):
+    """JSON-ready: a `Spread` as {"mean", "sd", "values"}."""
+    if isinstance(value, Spread):
+        return {"mean": float(value), "sd": value.sd, "values": value.values}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_seed_report(workdir: str, seed_dirs: list[str], results_dir: str, write_docs: bool = False) -> str:
+    """The report over seeds (`seed_dirs[0]` is the kept one): results.md/json/png in `results_dir`, and with
+    `write_docs` the README's and BENCHMARKS.md's toy-world blocks. Reads `seeds.json` and, if there,
+    `fresh_split.json` from `workdir`."""
+    runs = [load_results(d) for d in seed_dirs]
+    merged = merge_seeds(runs)
+    seeds_info = json.load(open(os.path.join(workdir, "seeds.json")))
+    fresh_path = os.path.join(workdir, "fresh_split.json")
+    check = json.load(open(fresh_path)) if os.path.exists(fresh_path) else None
+    os.makedirs(results_dir, exist_ok=True)
+    text = seed_markdown(merged, runs, seeds_info, check)
+    with open(os.path.join(results_dir, "results.md"), "w") as f:
+        f.write(text + "\n")
+    summary = {"merged": _plain(merged), "per_seed": [{k: v for k, v in r.items() if k != "rows"} for r in runs],
+               "claims": {"mean": [dict(c, holds=bool(c["holds"])) for c in claims(merged)],
+                          "per_seed": [[dict(c, holds=bool(c["holds"])) for c in claims(r)] for r in runs]},
+               "families": _plain(family_verdicts(merged)), "fresh_split": check, "run": seeds_info}
+    with open(os.path.join(results_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    seed_plot(merged, os.path.join(results_dir, "results.png"))
+    if write_docs:
+        relative_plot = os.path.relpath(os.path.join(results_dir, "results.png"), REPO_DIR)
+        readme = "\n\n".join([main_table(merged), seed_claims_block(merged, runs),
+                                "Per family:\n\n" + family_verdict_table(merged, runs),
+                                "Per seed:\n\n" + seed_table(runs, runs[0].get("seed")),
+                                f"![accuracy vs FLOPs]({relative_plot})", seeds_provenance(merged, seeds_info)])
+        replace_block(os.path.join(REPO_DIR, "README.md"), MARKERS["README.md"], readme)
+        replace_block(os.path.join(REPO_DIR, "BENCHMARKS.md"), MARKERS["BENCHMARKS.md"], text + f"\n\n![accuracy vs FLOPs]({relative_plot})")
     print(text)
     return text
 
