@@ -59,6 +59,31 @@ def test_scenes_are_well_formed():
             assert set(pixels) == {(20, 20, 20), scene.background}
 
 
+def test_style_draws_big_glyphs_and_one_distractor_digit_from_the_same_scenes():
+    import numpy
+    import random
+
+    for i in range(30):
+        plain = world.sample_scene(random.Random(i))
+        assert world.sample_scene(random.Random(i), style=world.Style(glyph="6x8")) == plain  # the glyph only changes drawing
+        one = world.sample_scene(random.Random(i), style=world.Style(small_digits="one"))
+        assert one.large.label is not None and sum(s.label is not None for s in one.small) == 1
+        image = numpy.asarray(world.render(plain, style=world.Style(glyph="6x8")))
+        for shape in [plain.large, *plain.small]:
+            column, row = shape.label_patch()
+            patch = image[row * world.PATCH:(row + 1) * world.PATCH, column * world.PATCH:(column + 1) * world.PATCH]
+            dark = (patch == 20).all(-1)
+            glyph = world.DIGITS[shape.label]
+            counts = [row.count("1") for row in glyph]  # rows 0, 1 and 3 drawn twice, rows 2 and 4 once; columns doubled
+            assert dark.sum() == 2 * (2 * counts[0] + 2 * counts[1] + counts[2] + 2 * counts[3] + counts[4])
+            rows, columns = dark.any(1).nonzero()[0], dark.any(0).nonzero()[0]
+            assert rows.min() >= 0 and rows.max() <= 7 and columns.min() >= 1 and columns.max() <= 6
+            if shape.label == "8":  # a full-box glyph fills the patch's height and six columns
+                assert (rows.min(), rows.max(), columns.min(), columns.max()) == (0, 7, 1, 6)
+    with pytest.raises(ValueError, match="allowed: glyph '3x5' or '6x8'"):
+        world.Style(glyph="5x7")
+
+
 def test_in_memory_dataset_holds_images():
     dataset = world.in_memory_dataset("val", 4, seed=0)
     assert len(dataset) == 4 and dataset[0]["image"].size == (64, 64)
@@ -240,3 +265,21 @@ def test_seeds_command_refuses_repeated_seeds():
         with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
             main(argv)
         assert "must differ" in err.getvalue()
+
+
+def test_learning_curve_measures_the_model_it_trains(tmp_path):
+    from visor_hf.toyworld.dense import load_dense
+    from visor_hf.toyworld.evaluate import evaluate, summarise
+    from visor_hf.toyworld.pipeline import learning_curve
+
+    points = learning_curve(str(tmp_path), preset="ci", style={"glyph": "6x8", "small_digits": "one"}, steps=6,
+                            eval_every=2, questions=10)
+    assert [p["step"] for p in points] == [2, 4, 6]
+    info = json.loads((tmp_path / "curve.json").read_text())
+    assert info["style"] == {"glyph": "6x8", "small_digits": "one"} and info["curve"] == points
+    assert json.loads((tmp_path / "data" / "world.json").read_text())["style"] == info["style"]
+    model, processor = load_dense(str(tmp_path / "dense"))  # the last point is the saved model's accuracy
+    summary = summarise(evaluate(model, processor, world.load_split(str(tmp_path / "data"), "test"), str(tmp_path / "data")))
+    assert {k: v for k, v in points[-1].items() if k != "step"} == {k: v["accuracy"] for k, v in summary.items()}
+    assert set(world.FAMILIES) <= set(points[-1]) and os.path.getsize(tmp_path / "curve.png") > 1000
+    assert (tmp_path / "curve.md").read_text().count("\n") == 2 + 3

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration, Trainer, TrainingArguments
+from transformers import LlavaOnevisionForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 
 from ..testing import save_llava_onevision
 from ..training.data import VisorDataCollator, load_records
@@ -43,6 +43,36 @@ class DenseTrainingOptions:
     weight_decay: float = 0.1
     seed: int = 0
     logging_steps: int = 25
+    eval_every: int = 0  # > 0: accuracy per family on `eval_split` every this many steps (a learning curve)
+    eval_split: str = "test"
+    eval_questions: int = 500
+
+
+class LearningCurve(TrainerCallback):
+    """Every `every` steps (and at the end): the model's accuracy per question family on `records`, appended to
+    `points` as {"step": ..., "<family>": accuracy, "all": ..., "coarse": ..., "fine": ...}."""
+
+    def __init__(self, processor, records, image_folder: str, every: int):
+        self.processor, self.records, self.image_folder, self.every = processor, records, image_folder, every
+        self.points = []
+
+    def measure(self, model, step: int) -> None:
+        from .evaluate import evaluate, summarise
+
+        was_training = model.training
+        with torch.no_grad():
+            summary = summarise(evaluate(model, self.processor, self.records, self.image_folder))
+        model.train(was_training)
+        self.points.append({"step": step, **{group: entry["accuracy"] for group, entry in summary.items()}})
+        print(f"[toyworld] step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in self.points[-1].items() if k != "step"),
+              flush=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.measure(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.measure(model, state.global_step)
 
 
 def load_dense(path: str):
@@ -70,9 +100,14 @@ def train_dense(data_dir: str, out_dir: str, options: DenseTrainingOptions | Non
         logging_steps=options.logging_steps, save_strategy="no", report_to="none", remove_unused_columns=False,
         seed=options.seed, use_cpu=True, disable_tqdm=True,
     )
+    curve = None
+    if options.eval_every > 0:
+        records = load_records(os.path.join(data_dir, f"{options.eval_split}.jsonl"))
+        records = records.select(range(min(options.eval_questions, len(records))))
+        curve = LearningCurve(processor, records, data_dir, options.eval_every)
     trainer = Trainer(
         model=model, args=args, train_dataset=load_records(os.path.join(data_dir, f"{split}.jsonl")),
-        data_collator=DenseCollator(processor, image_folder=data_dir),
+        data_collator=DenseCollator(processor, image_folder=data_dir), callbacks=[curve] if curve else None,
     )
     start = time.time()
     trainer.train()
@@ -82,7 +117,7 @@ def train_dense(data_dir: str, out_dir: str, options: DenseTrainingOptions | Non
                          license="apache-2.0")
     save_tokenizer(out_dir)  # replace what the running transformers wrote: these files load on 4.57 and 5.x
     log = {"options": asdict(options), "train_seconds": seconds, "log_history": trainer.state.log_history,
-           "num_parameters": sum(p.numel() for p in model.parameters())}
+           "num_parameters": sum(p.numel() for p in model.parameters()), "curve": curve.points if curve else None}
     with open(os.path.join(out_dir, "training_log.json"), "w") as f:
         json.dump(log, f, indent=1)
     return log

@@ -66,6 +66,7 @@ class Preset:
     reduction_keep_ratio: float = 0.25  # token-reduction rows of the evaluation (issue 8)
     warmup_steps: int = 100
     extra_train_args: list = field(default_factory=list)
+    style: dict = field(default_factory=dict)  # world.Style's fields: how the world is drawn
 
 
 PRESETS = {
@@ -147,11 +148,12 @@ def logged_losses(text: str) -> list[float]:
 
 
 def stage_data(run: Run) -> None:
-    from .world import write_world
+    from .world import Style, write_world
 
     start = time.time()
     p = run.preset
-    write_world(run.path("data"), p.sizes, seed=run.seed, questions_per_image={"train": p.questions_per_image})
+    write_world(run.path("data"), p.sizes, seed=run.seed, questions_per_image={"train": p.questions_per_image},
+                style=Style(**p.style))
     run.record("data", time.time() - start)
 
 
@@ -432,6 +434,61 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
         stage_checkpoint(Run(kept, preset, seeds[0]), save_checkpoint_to)
 
 
+# --------------------------------------------------------------------------------------------------
+# The dense baseline's learning curve
+# --------------------------------------------------------------------------------------------------
+
+
+def learning_curve(workdir: str, preset: str = "full", style: dict | None = None, steps: int | None = None,
+                   eval_every: int = 500, seed: int = 0, questions: int = 500) -> list[dict]:
+    """Train only the dense baseline of `preset` (its model, batch, learning rate; `steps` or the preset's) on a world
+    drawn in `style`, measuring its accuracy per family on `questions` test questions every `eval_every` steps:
+    how long the baseline needs to learn each family. Writes curve.json, curve.md and curve.png in `workdir`."""
+    from .dense import DenseTrainingOptions, train_dense
+    from .world import FAMILIES, Style, write_world
+
+    p = PRESETS[preset]
+    style = Style(**(style if style is not None else p.style))
+    workdir = os.path.abspath(workdir)
+    start = time.time()
+    write_world(os.path.join(workdir, "data"), {"train": p.sizes["train"], "test": questions}, seed=seed,
+                questions_per_image={"train": p.questions_per_image}, style=style)
+    options = DenseTrainingOptions(size=p.model, max_steps=steps or p.dense_steps, batch_size=p.batch_size,
+                                   learning_rate=p.dense_lr, warmup_steps=p.warmup_steps, seed=seed,
+                                   logging_steps=max(1, min(25, (steps or p.dense_steps) // 10)), eval_every=eval_every,
+                                   eval_questions=questions)
+    log = train_dense(os.path.join(workdir, "data"), os.path.join(workdir, "dense"), options)
+    shutil.rmtree(os.path.join(workdir, "dense", "trainer"), ignore_errors=True)
+    points = log["curve"]
+    info = {"preset": preset, "style": asdict(style), "steps": options.max_steps, "seed": seed, "questions": questions,
+            "seconds": time.time() - start, "machine": machine_description(), "curve": points}
+    with open(os.path.join(workdir, "curve.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    header = "| step | " + " | ".join(FAMILIES) + " | all |"
+    rows = [f"| {pt['step']} | " + " | ".join(f"{100 * pt.get(f, 0.0):.1f}" for f in FAMILIES) + f" | {100 * pt['all']:.1f} |"
+            for pt in points]
+    with open(os.path.join(workdir, "curve.md"), "w") as f:
+        f.write("\n".join([header, "| --- |" + " ---: |" * (len(FAMILIES) + 1), *rows]) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for family in FAMILIES:
+        ax.plot([pt["step"] for pt in points], [100 * pt.get(family, 0.0) for pt in points], "o-", ms=3, label=family)
+    ax.axhline(90, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("training step (batch %d)" % p.batch_size)
+    ax.set_ylabel("test accuracy (%%, %d questions)" % questions)
+    ax.set_title(f"dense baseline, glyph {style.glyph}, digits under {style.small_digits} small shapes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "curve.png"), dpi=120)
+    plt.close(fig)
+    return points
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m visor_hf.toyworld", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -458,12 +515,26 @@ def main(argv=None) -> None:
                               help="Write the results into visor_hf/toyworld/results/, README.md and BENCHMARKS.md.")
     seeds_parser.add_argument("--save-checkpoint", nargs="?", const=CHECKPOINT_DIR, default=None, metavar="DIR",
                               help=f"Copy the first seed's routed model to DIR (default {CHECKPOINT_DIR}).")
+    curve_parser = sub.add_parser("curve", help="The dense baseline's accuracy per family while it trains.")
+    curve_parser.add_argument("--workdir", required=True)
+    curve_parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    curve_parser.add_argument("--glyph", default=None, choices=["3x5", "6x8"], help="world.Style.glyph (default: the preset's)")
+    curve_parser.add_argument("--small-digits", default=None, choices=["all", "one"],
+                              help="world.Style.small_digits (default: the preset's)")
+    curve_parser.add_argument("--steps", type=int, default=None, help="Training steps (default: the preset's dense_steps).")
+    curve_parser.add_argument("--eval-every", type=int, default=500)
+    curve_parser.add_argument("--questions", type=int, default=500, help="Test questions a measurement (default 500).")
+    curve_parser.add_argument("--seed", type=int, default=0)
     report_parser = sub.add_parser("report", help="Regenerate the table, plot and docs from a finished run.")
     report_parser.add_argument("--workdir", required=True)
     report_parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "run":
         run_pipeline(args.workdir, args.preset, args.first, args.last, args.write_docs, args.save_checkpoint, args.seed)
+    elif args.command == "curve":
+        style = dict(PRESETS[args.preset].style)
+        style.update({k: v for k, v in (("glyph", args.glyph), ("small_digits", args.small_digits)) if v is not None})
+        learning_curve(args.workdir, args.preset, style, args.steps, args.eval_every, args.seed, args.questions)
     elif args.command == "seeds":
         if len(set(args.seeds)) != len(args.seeds) or args.fresh_world_seed in args.seeds:
             parser.error(f"--seeds {args.seeds} must differ from each other and from --fresh-world-seed {args.fresh_world_seed}")

@@ -70,6 +70,35 @@ DIGITS = {
 }
 PATCH = 8  # the vision tower's patch size: each digit is drawn inside one patch of the full-resolution crops
 DIGIT_OFFSET = (2, 1)  # the digit's top-left pixel inside its patch
+# The font stretched to 6 x 8 (columns doubled, rows 0 0 1 1 2 3 3 4), filling the patch's height, at (1, 0).
+BIG_DIGITS = {d: tuple("".join(2 * bit for bit in glyph[row * 5 // PATCH]) for row in range(PATCH)) for d, glyph in DIGITS.items()}
+BIG_DIGIT_OFFSET = (1, 0)
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a world is drawn. The default is the world the kept checkpoint was trained on; issue 16's probes
+    (dense LLaVA-OV on `number_large`, README "Toy world") found its 3 x 5 digits never read, even alone in an image:
+
+        glyph         "3x5": the font as is; "6x8": stretched to fill the patch's height (read within 200 steps alone)
+        small_digits  "all": a digit under every small shape (4 distractors at most); "one": under one of them
+    """
+
+    glyph: str = "3x5"
+    small_digits: str = "all"
+
+    def __post_init__(self):
+        if self.glyph not in ("3x5", "6x8") or self.small_digits not in ("all", "one"):
+            raise ValueError(f"Style(glyph={self.glyph!r}, small_digits={self.small_digits!r}); allowed: glyph '3x5' or "
+                             "'6x8', small_digits 'all' or 'one'")
+
+    @property
+    def digits(self) -> dict:
+        return BIG_DIGITS if self.glyph == "6x8" else DIGITS
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        return BIG_DIGIT_OFFSET if self.glyph == "6x8" else DIGIT_OFFSET
 
 
 @dataclass
@@ -110,8 +139,9 @@ def _overlaps(a, b, margin: int) -> bool:
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def sample_scene(rng: random.Random, canvas: int = CANVAS) -> Scene:
-    """One large shape and 2-4 small shapes, each with a digit below it (all digits different), no overlaps.
+def sample_scene(rng: random.Random, canvas: int = CANVAS, style: Style = Style()) -> Scene:
+    """One large shape and 2-4 small shapes, each with a digit below it (all digits different; with
+    `style.small_digits == "one"` only the first small shape placed has one), no overlaps.
     Unambiguous by construction: the large shape's centre is not at the image's centre line (left/right), and no
     small shape is horizontally level with the large shape's centre (left of it or not)."""
     while True:
@@ -123,6 +153,8 @@ def sample_scene(rng: random.Random, canvas: int = CANVAS) -> Scene:
             continue
         small, boxes = [], [large.box()]
         for digit in digits[1 : 1 + rng.randint(2, 4)]:
+            if style.small_digits == "one" and small:
+                digit = None
             for _ in range(50):
                 s = rng.randint(7, 9)
                 shape = Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, canvas - s - 1),
@@ -143,7 +175,7 @@ def _fill(colour: str, tint) -> tuple[int, int, int]:
     return tuple(max(0, min(255, c + d)) for c, d in zip(COLOURS[colour], tint))
 
 
-def render(scene: Scene, canvas: int = CANVAS) -> Image.Image:
+def render(scene: Scene, canvas: int = CANVAS, style: Style = Style()) -> Image.Image:
     image = Image.new("RGB", (canvas, canvas), scene.background)
     draw = ImageDraw.Draw(image)
     for i, shape in enumerate([scene.large, *scene.small]):
@@ -157,8 +189,8 @@ def render(scene: Scene, canvas: int = CANVAS) -> Image.Image:
             draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
         if shape.label is not None:
             column, row = shape.label_patch()
-            left, top = column * PATCH + DIGIT_OFFSET[0], row * PATCH + DIGIT_OFFSET[1]
-            for dy, row in enumerate(DIGITS[shape.label]):
+            left, top = column * PATCH + style.offset[0], row * PATCH + style.offset[1]
+            for dy, row in enumerate(style.digits[shape.label]):
                 for dx, bit in enumerate(row):
                     if bit == "1":
                         image.putpixel((left + dx, top + dy), (20, 20, 20))
@@ -195,9 +227,9 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def make_record(split: str, index: int, seed: int, families, image_path: str) -> tuple[dict, Image.Image]:
+def make_record(split: str, index: int, seed: int, families, image_path: str, style: Style = Style()) -> tuple[dict, Image.Image]:
     rng = random.Random(f"visor-toyworld/{seed}/{split}/{index}")
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, style=style)
     turns = []
     for i, family in enumerate(families):
         question, answer = ask(scene, family, rng)
@@ -208,10 +240,11 @@ def make_record(split: str, index: int, seed: int, families, image_path: str) ->
         "kind": KIND[families[0]] if single else "mixed", "family": families[0] if single else "mixed",
         "question_families": list(families),
     }
-    return record, render(scene)
+    return record, render(scene, style=style)
 
 
-def split_records(split: str, num_records: int, seed: int = 0, questions_per_image: int = 1, families=FAMILIES):
+def split_records(split: str, num_records: int, seed: int = 0, questions_per_image: int = 1, families=FAMILIES,
+                  style: Style = Style()):
     """Yield (record, image) pairs. One question per record cycles through `families` (balanced); several
     questions per record draw distinct families at random."""
     for index in range(num_records):
@@ -219,10 +252,11 @@ def split_records(split: str, num_records: int, seed: int = 0, questions_per_ima
             chosen = [families[index % len(families)]]
         else:
             chosen = random.Random(f"visor-toyworld/{seed}/{split}/{index}/families").sample(list(families), questions_per_image)
-        yield make_record(split, index, seed, chosen, f"{split}/{index:06d}.png")
+        yield make_record(split, index, seed, chosen, f"{split}/{index:06d}.png", style)
 
 
-def write_world(out_dir: str, sizes: dict, seed: int = 0, questions_per_image: dict | None = None) -> dict:
+def write_world(out_dir: str, sizes: dict, seed: int = 0, questions_per_image: dict | None = None,
+                style: Style = Style()) -> dict:
     """Write `{split}.jsonl` and `{split}/NNNNNN.png` for each split of `sizes` ({"train": 2000, ...}).
     Returns {split: path of its jsonl}."""
     questions_per_image = questions_per_image or {}
@@ -231,12 +265,13 @@ def write_world(out_dir: str, sizes: dict, seed: int = 0, questions_per_image: d
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
         path = os.path.join(out_dir, f"{split}.jsonl")
         with open(path, "w") as f:
-            for record, image in split_records(split, count, seed, questions_per_image.get(split, 1)):
+            for record, image in split_records(split, count, seed, questions_per_image.get(split, 1), style=style):
                 image.save(os.path.join(out_dir, record["image"]))
                 f.write(json.dumps(record) + "\n")
         paths[split] = path
     with open(os.path.join(out_dir, "world.json"), "w") as f:
         json.dump({"seed": seed, "sizes": sizes, "questions_per_image": questions_per_image, "canvas": CANVAS,
+                   "style": asdict(style),
                    "families": {f: KIND[f] for f in FAMILIES}}, f, indent=1)
     return paths
 
