@@ -42,21 +42,24 @@ def test_world_is_seeded_balanced_and_answers_are_single_words():
 
 
 def test_scenes_are_well_formed():
-    for i in range(50):
-        scene = world.sample_scene(__import__("random").Random(i))
-        assert 2 <= len(scene.small) <= 4
-        assert len({s.label for s in [scene.large, *scene.small]}) == 1 + len(scene.small)  # one digit per shape
-        assert abs(scene.large.centre_x - world.CANVAS / 2) >= 4  # left/right is unambiguous
-        assert all(abs(s.centre_x - scene.large.centre_x) >= 6 for s in scene.small)  # left/right is unambiguous
-        image = world.render(scene)
-        assert image.size == (world.CANVAS, world.CANVAS)
-        for shape in [scene.large, *scene.small]:  # each digit alone in its own patch, below its shape
-            column, row = shape.label_patch()
-            assert row * world.PATCH >= shape.y + shape.size and (row + 1) * world.PATCH <= world.CANVAS
-            patch = image.crop((column * world.PATCH, row * world.PATCH, (column + 1) * world.PATCH, (row + 1) * world.PATCH))
-            pixels = [tuple(p) for p in __import__("numpy").asarray(patch).reshape(-1, 3).tolist()]
-            assert pixels.count((20, 20, 20)) == "".join(world.DIGITS[shape.label]).count("1")
-            assert set(pixels) == {(20, 20, 20), scene.background}
+    for style in (world.Style(), world.Style("3x5", "all"), world.Style("6x8", "one")):
+        for i in range(50):
+            scene = world.sample_scene(__import__("random").Random(i), style=style)
+            assert 2 <= len(scene.small) <= 4
+            labelled = [s for s in [scene.large, *scene.small] if s.label is not None]
+            assert scene.large.label is not None and len({s.label for s in labelled}) == len(labelled)  # digits differ
+            assert len(labelled) == (1 + len(scene.small) if style.small_digits == "all" else 2)
+            assert abs(scene.large.centre_x - world.CANVAS / 2) >= 4  # left/right is unambiguous
+            assert all(abs(s.centre_x - scene.large.centre_x) >= 6 for s in scene.small)  # left/right is unambiguous
+            image = world.render(scene, style=style)
+            assert image.size == (world.CANVAS, world.CANVAS)
+            for shape in labelled:  # each digit alone in its own patch, below its shape
+                column, row = shape.label_patch()
+                assert row * world.PATCH >= shape.y + shape.size and (row + 1) * world.PATCH <= world.CANVAS
+                patch = image.crop((column * world.PATCH, row * world.PATCH, (column + 1) * world.PATCH, (row + 1) * world.PATCH))
+                pixels = [tuple(p) for p in __import__("numpy").asarray(patch).reshape(-1, 3).tolist()]
+                assert pixels.count((20, 20, 20)) == "".join(style.digits[shape.label]).count("1")
+                assert set(pixels) == {(20, 20, 20), scene.background}
 
 
 def test_style_draws_big_glyphs_and_one_distractor_digit_from_the_same_scenes():

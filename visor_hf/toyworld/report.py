@@ -33,6 +33,14 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(os.path.dirname(PACKAGE_DIR))
 MARKERS = {"README.md": "toyworld:readme", "BENCHMARKS.md": "toyworld:benchmarks"}
 COARSE_THRESHOLD, FINE_GAIN, AUTO_ACCURACY, AUTO_FLOPS = 0.03, 0.10, 0.99, 0.90
+SCORING_NOTE = (
+    "The pruning scores come from the toy vision tower's one SigLIP layer, which is untrained: LLaVA-OneVision takes "
+    "the features before it (`vision_feature_layer=-2`, so that every visual token stays one 8 x 8 patch, the world's "
+    "premise), so no gradient reaches it, and its attention is a random initialisation's. Training it would mean using "
+    "its output, which mixes the patches of each crop before the language model and hands cross-attention the relations "
+    "this world keeps for the self-attention layers; so it is not done here. These rows show pruning whose attention "
+    "scores carry nothing learned; the similarity-based parts of both methods (VisionZip's contextual merging, "
+    "VisPruner's duplicate removal) compare the tokens themselves and do not depend on them.")
 
 
 def load_results(workdir: str) -> dict:
@@ -227,7 +235,8 @@ def markdown(results: dict, workdir: str, plot_name: str = "results.png") -> str
         "What the router picks (share of test questions per configuration of self-attention layers):\n\n" + router_table(results),
         "Accuracy (%) per question family:\n\n" + family_table(results),
         *(["Token reduction (training-free pruning at the share of visual tokens kept; the paper's claim is that "
-            "pruning hurts fine-grained questions most):\n\n" + reduction_table(results)] if results.get("reduction") else []),
+            "pruning hurts fine-grained questions most):\n\n" + reduction_table(results) + "\n\n" + SCORING_NOTE]
+          if results.get("reduction") else []),
         provenance(results, workdir),
     ])
 
@@ -450,7 +459,8 @@ def seed_markdown(merged: dict, runs: list[dict], seeds_info: dict, check: dict 
         + router_table(runs[0]),
         "Accuracy (%) per question family:\n\n" + family_table(merged),
         *(["Token reduction (training-free pruning at the share of visual tokens kept; the paper's claim is that "
-           "pruning hurts fine-grained questions most):\n\n" + reduction_table(merged)] if merged.get("reduction") else []),
+           "pruning hurts fine-grained questions most):\n\n" + reduction_table(merged) + "\n\n" + SCORING_NOTE]
+          if merged.get("reduction") else []),
         *([fresh_split_table(check)] if check else []),
         seeds_provenance(merged, seeds_info),
     ])
