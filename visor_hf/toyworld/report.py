@@ -242,32 +242,8 @@ def markdown(results: dict, workdir: str, plot_name: str = "results.png") -> str
 
 
 def plot(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    names = fixed_budgets(results)
-    for group, colour in (("coarse", "tab:blue"), ("fine", "tab:red")):
-        xs = [results["budgets"][n][group]["relative_flops"] for n in names]
-        ys = [100 * results["budgets"][n][group]["accuracy"] for n in names]
-        ax.plot(xs, ys, "o-", color=colour, label=f"{group}: fixed budgets")
-        for n, x, y in zip(names, xs, ys):
-            ax.annotate(str(len(ast.literal_eval(n))), (x, y),
-                        textcoords="offset points", xytext=(4, -10), fontsize=8, color=colour)
-        auto = results["budgets"]["auto"][group]
-        ax.plot([auto["relative_flops"]], [100 * auto["accuracy"]], "*", ms=14, color=colour, label=f"{group}: auto")
-        ax.plot([1.0], [100 * results["dense"][group]["accuracy"]], "s", ms=8, mfc="none", color=colour,
-                label=f"{group}: dense")
-    ax.set_xlabel("language-model prefill FLOPs relative to dense LLaVA-OV")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("VISOR on the toy world (numbers: self-attention layers)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Accuracy against FLOPs per question kind: fixed budgets, auto and dense (one run: `seed_plot` without spread)."""
+    seed_plot(results, path)
 
 
 def replace_block(path: str, marker: str, body: str) -> None:
@@ -467,6 +443,7 @@ def seed_markdown(merged: dict, runs: list[dict], seeds_info: dict, check: dict 
 
 
 def seed_plot(merged: dict, path: str) -> None:
+    """`plot` over seeds: the means, with error bars of one standard deviation (none for a single run's results)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -489,7 +466,8 @@ def seed_plot(merged: dict, path: str) -> None:
                     color=colour, capsize=3, label=f"{group}: dense")
     ax.set_xlabel("language-model prefill FLOPs relative to dense LLaVA-OV")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"VISOR on the toy world, {len(merged['seeds'])} seeds (numbers: self-attention layers)")
+    seeds = f", {len(merged['seeds'])} seeds" if len(merged.get("seeds", [])) > 1 else ""
+    ax.set_title(f"VISOR on the toy world{seeds} (numbers: self-attention layers)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
