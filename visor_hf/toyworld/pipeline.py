@@ -4,6 +4,9 @@
     python -m visor_hf.toyworld run --workdir toy_run --save-checkpoint --write-docs   # + repo checkpoint, README, BENCHMARKS
     python -m visor_hf.toyworld run --workdir /tmp/t --preset ci            # the CI-sized run (a minute or two)
     python -m visor_hf.toyworld run --workdir toy_run --from search         # resume from a stage
+    python -m visor_hf.toyworld run --workdir toy_run --seed 1              # another world and training seed
+    python -m visor_hf.toyworld seeds --workdir toy_runs --seeds 0 1 2      # once per seed (in parallel), report over seeds
+    python -m visor_hf.toyworld curve --workdir toy_curve --glyph 6x8       # the dense baseline's accuracy while it trains
 
 Stages (each writes into the work directory; `commands.sh` there lists the exact commands run):
 
@@ -20,6 +23,10 @@ Stages (each writes into the work directory; `commands.sh` there lists the exact
     checkpoint    with --save-checkpoint: the routed model into visor_hf/toyworld/checkpoint/
 
 The training stages are subprocesses, exactly what a user types; the rest runs in this process.
+
+`seeds` runs `run --seed n` per seed as subprocesses (all at once by default, each with cores // jobs torch threads),
+then `report.write_seed_report` (mean ± standard deviation, verdicts per seed and per family) and, for the first
+seed's model, `fresh_split_check`: its accuracy on a test split of a world drawn with another seed.
 """
 
 from __future__ import annotations
