@@ -46,6 +46,11 @@ class DenseTrainingOptions:
     eval_every: int = 0  # > 0: accuracy per family on `eval_split` every this many steps (a learning curve)
     eval_split: str = "test"
     eval_questions: int = 500
+    # A curriculum: first `first_steps` steps on `{first_split}.jsonl` (its own warm-up and cosine schedule), then
+    # `max_steps` on the training split. Mixed from the start, the baseline left `number_large` at chance for
+    # thousands of steps while learning the other families (BENCHMARKS.md, "Toy world: learning curves").
+    first_split: str | None = None
+    first_steps: int = 0
 
 
 class LearningCurve(TrainerCallback):
@@ -55,6 +60,7 @@ class LearningCurve(TrainerCallback):
     def __init__(self, processor, records, image_folder: str, every: int):
         self.processor, self.records, self.image_folder, self.every = processor, records, image_folder, every
         self.points = []
+        self.offset = 0  # steps of earlier training phases, added to the phase's own step count
 
     def measure(self, model, step: int) -> None:
         from .evaluate import evaluate, summarise
@@ -68,11 +74,11 @@ class LearningCurve(TrainerCallback):
               flush=True)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
-            self.measure(model, state.global_step)
+        if (self.offset + state.global_step) % self.every == 0 and state.global_step < state.max_steps:
+            self.measure(model, self.offset + state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.measure(model, state.global_step)
+        self.measure(model, self.offset + state.global_step)
 
 
 def load_dense(path: str):
@@ -93,30 +99,35 @@ def train_dense(data_dir: str, out_dir: str, options: DenseTrainingOptions | Non
     model = LlavaOnevisionForConditionalGeneration(config)
     tokenizer = build_tokenizer()
     processor = dense_processor(tokenizer, image_processor(config))
-    args = TrainingArguments(
-        output_dir=os.path.join(out_dir, "trainer"), max_steps=options.max_steps,
-        per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=options.warmup_steps, weight_decay=options.weight_decay,
-        logging_steps=options.logging_steps, save_strategy="no", report_to="none", remove_unused_columns=False,
-        seed=options.seed, use_cpu=True, disable_tqdm=True,
-    )
     curve = None
     if options.eval_every > 0:
         records = load_records(os.path.join(data_dir, f"{options.eval_split}.jsonl"))
         records = records.select(range(min(options.eval_questions, len(records))))
         curve = LearningCurve(processor, records, data_dir, options.eval_every)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=load_records(os.path.join(data_dir, f"{split}.jsonl")),
-        data_collator=DenseCollator(processor, image_folder=data_dir), callbacks=[curve] if curve else None,
-    )
-    start = time.time()
-    trainer.train()
+    phases = [(options.first_split, options.first_steps)] if options.first_split and options.first_steps > 0 else []
+    log_history, start = [], time.time()
+    for phase_split, steps in phases + [(split, options.max_steps)]:
+        args = TrainingArguments(
+            output_dir=os.path.join(out_dir, "trainer"), max_steps=steps,
+            per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,
+            lr_scheduler_type="cosine", warmup_steps=options.warmup_steps, weight_decay=options.weight_decay,
+            logging_steps=options.logging_steps, save_strategy="no", report_to="none", remove_unused_columns=False,
+            seed=options.seed, use_cpu=True, disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=load_records(os.path.join(data_dir, f"{phase_split}.jsonl")),
+            data_collator=DenseCollator(processor, image_folder=data_dir), callbacks=[curve] if curve else None,
+        )
+        trainer.train()
+        log_history += [dict(entry, split=phase_split) for entry in trainer.state.log_history]
+        if curve:
+            curve.offset += steps
     seconds = time.time() - start
     model.eval()
     save_llava_onevision(model, out_dir, layout="legacy", tokenizer=tokenizer, image_processor=image_processor(config),
                          license="apache-2.0")
     save_tokenizer(out_dir)  # replace what the running transformers wrote: these files load on 4.57 and 5.x
-    log = {"options": asdict(options), "train_seconds": seconds, "log_history": trainer.state.log_history,
+    log = {"options": asdict(options), "train_seconds": seconds, "log_history": log_history,
            "num_parameters": sum(p.numel() for p in model.parameters()), "curve": curve.points if curve else None}
     with open(os.path.join(out_dir, "training_log.json"), "w") as f:
         json.dump(log, f, indent=1)

@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .model import ModelSize
+from .world import FAMILIES
 
 STAGES = ("data", "dense", "convert", "stage1", "universal", "search", "pseudo-label", "router", "evaluate", "report",
           "checkpoint")
@@ -74,6 +75,9 @@ class Preset:
     warmup_steps: int = 100
     extra_train_args: list = field(default_factory=list)
     style: dict = field(default_factory=dict)  # world.Style's fields: how the world is drawn
+    # the dense baseline's curriculum: {"family": ..., "steps": ..., "images": ...}: first `steps` steps on a split
+    # ("first") of `images` images asking only `family`, then `dense_steps` on the training split; {}: none
+    dense_first: dict = field(default_factory=dict)
 
 
 PRESETS = {
@@ -159,9 +163,19 @@ def stage_data(run: Run) -> None:
 
     start = time.time()
     p = run.preset
-    write_world(run.path("data"), p.sizes, seed=run.seed, questions_per_image={"train": p.questions_per_image},
-                style=Style(**p.style))
+    write_world(run.path("data"), {**p.sizes, **first_split_size(p.dense_first)}, seed=run.seed,
+                questions_per_image={"train": p.questions_per_image}, style=Style(**p.style),
+                families={"first": (p.dense_first["family"],)} if p.dense_first else None)
     run.record("data", time.time() - start)
+
+
+def first_split_size(dense_first: dict) -> dict:
+    return {"first": dense_first["images"]} if dense_first else {}
+
+
+def first_options(dense_first: dict) -> dict:
+    """DenseTrainingOptions' curriculum fields for a preset's `dense_first`."""
+    return {"first_split": "first", "first_steps": dense_first["steps"]} if dense_first else {}
 
 
 def stage_dense(run: Run) -> None:
@@ -170,7 +184,7 @@ def stage_dense(run: Run) -> None:
     p = run.preset
     options = DenseTrainingOptions(size=p.model, max_steps=p.dense_steps, batch_size=p.batch_size,
                                    learning_rate=p.dense_lr, warmup_steps=p.warmup_steps, seed=run.seed,
-                                   logging_steps=max(1, min(25, p.dense_steps // 10)))
+                                   logging_steps=max(1, min(25, p.dense_steps // 10)), **first_options(p.dense_first))
     start = time.time()
     train_dense(run.path("data"), run.path("dense"), options)
     run.record("dense", time.time() - start)
@@ -447,7 +461,7 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
 
 
 def learning_curve(workdir: str, preset: str = "full", style: dict | None = None, steps: int | None = None,
-                   eval_every: int = 500, seed: int = 0, questions: int = 500) -> list[dict]:
+                   eval_every: int = 500, seed: int = 0, questions: int = 500, dense_first: dict | None = None) -> list[dict]:
     """Train only the dense baseline of `preset` (its model, batch, learning rate; `steps` or the preset's) on a world
     drawn in `style`, measuring its accuracy per family on `questions` test questions every `eval_every` steps:
     how long the baseline needs to learn each family. Writes curve.json, curve.md and curve.png in `workdir`."""
@@ -456,18 +470,21 @@ def learning_curve(workdir: str, preset: str = "full", style: dict | None = None
 
     p = PRESETS[preset]
     style = Style(**(style if style is not None else p.style))
+    dense_first = p.dense_first if dense_first is None else dense_first
     workdir = os.path.abspath(workdir)
     start = time.time()
-    write_world(os.path.join(workdir, "data"), {"train": p.sizes["train"], "test": questions}, seed=seed,
-                questions_per_image={"train": p.questions_per_image}, style=style)
+    write_world(os.path.join(workdir, "data"), {"train": p.sizes["train"], "test": questions, **first_split_size(dense_first)},
+                seed=seed, questions_per_image={"train": p.questions_per_image}, style=style,
+                families={"first": (dense_first["family"],)} if dense_first else None)
     options = DenseTrainingOptions(size=p.model, max_steps=steps or p.dense_steps, batch_size=p.batch_size,
                                    learning_rate=p.dense_lr, warmup_steps=p.warmup_steps, seed=seed,
                                    logging_steps=max(1, min(25, (steps or p.dense_steps) // 10)), eval_every=eval_every,
-                                   eval_questions=questions)
+                                   eval_questions=questions, **first_options(dense_first))
     log = train_dense(os.path.join(workdir, "data"), os.path.join(workdir, "dense"), options)
     shutil.rmtree(os.path.join(workdir, "dense", "trainer"), ignore_errors=True)
     points = log["curve"]
-    info = {"preset": preset, "style": asdict(style), "steps": options.max_steps, "seed": seed, "questions": questions,
+    info = {"preset": preset, "style": asdict(style), "dense_first": dense_first, "steps": options.max_steps, "seed": seed,
+            "questions": questions,
             "seconds": time.time() - start, "machine": machine_description(), "curve": points}
     with open(os.path.join(workdir, "curve.json"), "w") as f:
         json.dump(info, f, indent=1)
@@ -487,7 +504,10 @@ def learning_curve(workdir: str, preset: str = "full", style: dict | None = None
     ax.axhline(90, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("training step (batch %d)" % p.batch_size)
     ax.set_ylabel("test accuracy (%%, %d questions)" % questions)
-    ax.set_title(f"dense baseline, glyph {style.glyph}, digits under {style.small_digits} small shapes")
+    if dense_first:
+        ax.axvline(dense_first["steps"], color="grey", lw=0.8)
+    first = f", first {dense_first['steps']} steps {dense_first['family']} only" if dense_first else ""
+    ax.set_title(f"dense baseline: glyph {style.glyph}, digits under {style.small_digits} small shapes{first}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -532,6 +552,10 @@ def main(argv=None) -> None:
     curve_parser.add_argument("--eval-every", type=int, default=500)
     curve_parser.add_argument("--questions", type=int, default=500, help="Test questions a measurement (default 500).")
     curve_parser.add_argument("--seed", type=int, default=0)
+    curve_parser.add_argument("--first-family", default=None, choices=list(FAMILIES),
+                              help="A curriculum: train on this family alone first (default: the preset's dense_first).")
+    curve_parser.add_argument("--first-steps", type=int, default=1000, help="with --first-family: its steps (default 1000)")
+    curve_parser.add_argument("--first-images", type=int, default=16000, help="with --first-family: its images (default 16000)")
     report_parser = sub.add_parser("report", help="Regenerate the table, plot and docs from a finished run.")
     report_parser.add_argument("--workdir", required=True)
     report_parser.add_argument("--write-docs", action="store_true")
@@ -541,7 +565,8 @@ def main(argv=None) -> None:
     elif args.command == "curve":
         style = dict(PRESETS[args.preset].style)
         style.update({k: v for k, v in (("glyph", args.glyph), ("small_digits", args.small_digits)) if v is not None})
-        learning_curve(args.workdir, args.preset, style, args.steps, args.eval_every, args.seed, args.questions)
+        first = {"family": args.first_family, "steps": args.first_steps, "images": args.first_images} if args.first_family else None
+        learning_curve(args.workdir, args.preset, style, args.steps, args.eval_every, args.seed, args.questions, first)
     elif args.command == "seeds":
         if len(set(args.seeds)) != len(args.seeds) or args.fresh_world_seed in args.seeds:
             parser.error(f"--seeds {args.seeds} must differ from each other and from --fresh-world-seed {args.fresh_world_seed}")

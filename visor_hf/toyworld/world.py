@@ -256,22 +256,23 @@ def split_records(split: str, num_records: int, seed: int = 0, questions_per_ima
 
 
 def write_world(out_dir: str, sizes: dict, seed: int = 0, questions_per_image: dict | None = None,
-                style: Style = Style()) -> dict:
-    """Write `{split}.jsonl` and `{split}/NNNNNN.png` for each split of `sizes` ({"train": 2000, ...}).
-    Returns {split: path of its jsonl}."""
-    questions_per_image = questions_per_image or {}
+                style: Style = Style(), families: dict | None = None) -> dict:
+    """Write `{split}.jsonl` and `{split}/NNNNNN.png` for each split of `sizes` ({"train": 2000, ...}); `families`
+    ({split: (family, ...)}) limits a split's questions (default: all families). Returns {split: path of its jsonl}."""
+    questions_per_image, families = questions_per_image or {}, families or {}
     paths = {}
     for split, count in sizes.items():
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
         path = os.path.join(out_dir, f"{split}.jsonl")
         with open(path, "w") as f:
-            for record, image in split_records(split, count, seed, questions_per_image.get(split, 1), style=style):
+            for record, image in split_records(split, count, seed, questions_per_image.get(split, 1),
+                                               families.get(split, FAMILIES), style):
                 image.save(os.path.join(out_dir, record["image"]))
                 f.write(json.dumps(record) + "\n")
         paths[split] = path
     with open(os.path.join(out_dir, "world.json"), "w") as f:
         json.dump({"seed": seed, "sizes": sizes, "questions_per_image": questions_per_image, "canvas": CANVAS,
-                   "style": asdict(style),
+                   "style": asdict(style), "families": {k: list(v) for k, v in families.items()},
                    "families": {f: KIND[f] for f in FAMILIES}}, f, indent=1)
     return paths
 
