@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import datasets
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 
@@ -51,6 +52,9 @@ class DenseTrainingOptions:
     # thousands of steps while learning the other families (BENCHMARKS.md, "Toy world: learning curves").
     first_split: str | None = None
     first_steps: int = 0
+    # An interleaved mix: `{extra_split}.jsonl`'s records shuffled into the training split's (e.g. one family alone,
+    # to weigh it more in every batch)
+    extra_split: str | None = None
 
 
 class LearningCurve(TrainerCallback):
@@ -114,8 +118,11 @@ def train_dense(data_dir: str, out_dir: str, options: DenseTrainingOptions | Non
             logging_steps=options.logging_steps, save_strategy="no", report_to="none", remove_unused_columns=False,
             seed=options.seed, use_cpu=True, disable_tqdm=True,
         )
+        records = load_records(os.path.join(data_dir, f"{phase_split}.jsonl"))
+        if phase_split == split and options.extra_split:
+            records = datasets.concatenate_datasets([records, load_records(os.path.join(data_dir, f"{options.extra_split}.jsonl"))])
         trainer = Trainer(
-            model=model, args=args, train_dataset=load_records(os.path.join(data_dir, f"{phase_split}.jsonl")),
+            model=model, args=args, train_dataset=records,
             data_collator=DenseCollator(processor, image_folder=data_dir), callbacks=[curve] if curve else None,
         )
         trainer.train()

@@ -78,6 +78,9 @@ class Preset:
     # the dense baseline's curriculum: {"family": ..., "steps": ..., "images": ...}: first `steps` steps on a split
     # ("first") of `images` images asking only `family`, then `dense_steps` on the training split; {}: none
     dense_first: dict = field(default_factory=dict)
+    # an interleaved mix for the dense baseline: {"family": ..., "images": ...}: a split ("extra") of `images` images
+    # asking only `family`, shuffled into the training split; {}: none
+    dense_extra: dict = field(default_factory=dict)
 
 
 PRESETS = {
@@ -163,19 +166,26 @@ def stage_data(run: Run) -> None:
 
     start = time.time()
     p = run.preset
-    write_world(run.path("data"), {**p.sizes, **first_split_size(p.dense_first)}, seed=run.seed,
-                questions_per_image={"train": p.questions_per_image}, style=Style(**p.style),
-                families={"first": (p.dense_first["family"],)} if p.dense_first else None)
+    sizes, families = dense_splits(p.dense_first, p.dense_extra)
+    write_world(run.path("data"), {**p.sizes, **sizes}, seed=run.seed, questions_per_image={"train": p.questions_per_image},
+                style=Style(**p.style), families=families)
     run.record("data", time.time() - start)
 
 
-def first_split_size(dense_first: dict) -> dict:
-    return {"first": dense_first["images"]} if dense_first else {}
+def dense_splits(dense_first: dict, dense_extra: dict) -> tuple[dict, dict]:
+    """({split: images}, {split: (family,)}) of the dense baseline's curriculum ("first") and interleaved ("extra")
+    splits."""
+    sizes, families = {}, {}
+    for name, setting in (("first", dense_first), ("extra", dense_extra)):
+        if setting:
+            sizes[name], families[name] = setting["images"], (setting["family"],)
+    return sizes, families
 
 
-def first_options(dense_first: dict) -> dict:
-    """DenseTrainingOptions' curriculum fields for a preset's `dense_first`."""
-    return {"first_split": "first", "first_steps": dense_first["steps"]} if dense_first else {}
+def dense_options(dense_first: dict, dense_extra: dict) -> dict:
+    """DenseTrainingOptions' fields for a preset's `dense_first` and `dense_extra`."""
+    options = {"first_split": "first", "first_steps": dense_first["steps"]} if dense_first else {}
+    return {**options, **({"extra_split": "extra"} if dense_extra else {})}
 
 
 def stage_dense(run: Run) -> None:
@@ -184,7 +194,8 @@ def stage_dense(run: Run) -> None:
     p = run.preset
     options = DenseTrainingOptions(size=p.model, max_steps=p.dense_steps, batch_size=p.batch_size,
                                    learning_rate=p.dense_lr, warmup_steps=p.warmup_steps, seed=run.seed,
-                                   logging_steps=max(1, min(25, p.dense_steps // 10)), **first_options(p.dense_first))
+                                   logging_steps=max(1, min(25, p.dense_steps // 10)),
+                                   **dense_options(p.dense_first, p.dense_extra))
     start = time.time()
     train_dense(run.path("data"), run.path("dense"), options)
     run.record("dense", time.time() - start)
@@ -461,7 +472,8 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
 
 
 def learning_curve(workdir: str, preset: str = "full", style: dict | None = None, steps: int | None = None,
-                   eval_every: int = 500, seed: int = 0, questions: int = 500, dense_first: dict | None = None) -> list[dict]:
+                   eval_every: int = 500, seed: int = 0, questions: int = 500, dense_first: dict | None = None,
+                   dense_extra: dict | None = None) -> list[dict]:
     """Train only the dense baseline of `preset` (its model, batch, learning rate; `steps` or the preset's) on a world
     drawn in `style`, measuring its accuracy per family on `questions` test questions every `eval_every` steps:
     how long the baseline needs to learn each family. Writes curve.json, curve.md and curve.png in `workdir`."""
@@ -471,19 +483,21 @@ def learning_curve(workdir: str, preset: str = "full", style: dict | None = None
     p = PRESETS[preset]
     style = Style(**(style if style is not None else p.style))
     dense_first = p.dense_first if dense_first is None else dense_first
+    dense_extra = p.dense_extra if dense_extra is None else dense_extra
     workdir = os.path.abspath(workdir)
     start = time.time()
-    write_world(os.path.join(workdir, "data"), {"train": p.sizes["train"], "test": questions, **first_split_size(dense_first)},
-                seed=seed, questions_per_image={"train": p.questions_per_image}, style=style,
-                families={"first": (dense_first["family"],)} if dense_first else None)
+    sizes, families = dense_splits(dense_first, dense_extra)
+    write_world(os.path.join(workdir, "data"), {"train": p.sizes["train"], "test": questions, **sizes}, seed=seed,
+                questions_per_image={"train": p.questions_per_image}, style=style, families=families)
     options = DenseTrainingOptions(size=p.model, max_steps=steps or p.dense_steps, batch_size=p.batch_size,
                                    learning_rate=p.dense_lr, warmup_steps=p.warmup_steps, seed=seed,
                                    logging_steps=max(1, min(25, (steps or p.dense_steps) // 10)), eval_every=eval_every,
-                                   eval_questions=questions, **first_options(dense_first))
+                                   eval_questions=questions, **dense_options(dense_first, dense_extra))
     log = train_dense(os.path.join(workdir, "data"), os.path.join(workdir, "dense"), options)
     shutil.rmtree(os.path.join(workdir, "dense", "trainer"), ignore_errors=True)
     points = log["curve"]
-    info = {"preset": preset, "style": asdict(style), "dense_first": dense_first, "steps": options.max_steps, "seed": seed,
+    info = {"preset": preset, "style": asdict(style), "dense_first": dense_first, "dense_extra": dense_extra,
+            "steps": options.max_steps, "seed": seed,
             "questions": questions,
             "seconds": time.time() - start, "machine": machine_description(), "curve": points}
     with open(os.path.join(workdir, "curve.json"), "w") as f:
@@ -507,6 +521,7 @@ def learning_curve(workdir: str, preset: str = "full", style: dict | None = None
     if dense_first:
         ax.axvline(dense_first["steps"], color="grey", lw=0.8)
     first = f", first {dense_first['steps']} steps {dense_first['family']} only" if dense_first else ""
+    first += f", + {dense_extra['images']} {dense_extra['family']}-only records" if dense_extra else ""
     ax.set_title(f"dense baseline: glyph {style.glyph}, digits under {style.small_digits} small shapes{first}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -556,6 +571,9 @@ def main(argv=None) -> None:
                               help="A curriculum: train on this family alone first (default: the preset's dense_first).")
     curve_parser.add_argument("--first-steps", type=int, default=1000, help="with --first-family: its steps (default 1000)")
     curve_parser.add_argument("--first-images", type=int, default=16000, help="with --first-family: its images (default 16000)")
+    curve_parser.add_argument("--extra-family", default=None, choices=list(FAMILIES),
+                              help="An interleaved mix: records asking only this family, shuffled into the training split.")
+    curve_parser.add_argument("--extra-images", type=int, default=30000, help="with --extra-family: its records (default 30000)")
     report_parser = sub.add_parser("report", help="Regenerate the table, plot and docs from a finished run.")
     report_parser.add_argument("--workdir", required=True)
     report_parser.add_argument("--write-docs", action="store_true")
@@ -566,7 +584,8 @@ def main(argv=None) -> None:
         style = dict(PRESETS[args.preset].style)
         style.update({k: v for k, v in (("glyph", args.glyph), ("small_digits", args.small_digits)) if v is not None})
         first = {"family": args.first_family, "steps": args.first_steps, "images": args.first_images} if args.first_family else None
-        learning_curve(args.workdir, args.preset, style, args.steps, args.eval_every, args.seed, args.questions, first)
+        extra = {"family": args.extra_family, "images": args.extra_images} if args.extra_family else None
+        learning_curve(args.workdir, args.preset, style, args.steps, args.eval_every, args.seed, args.questions, first, extra)
     elif args.command == "seeds":
         if len(set(args.seeds)) != len(args.seeds) or args.fresh_world_seed in args.seeds:
             parser.error(f"--seeds {args.seeds} must differ from each other and from --fresh-world-seed {args.fresh_world_seed}")

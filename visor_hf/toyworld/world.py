@@ -272,7 +272,7 @@ def write_world(out_dir: str, sizes: dict, seed: int = 0, questions_per_image: d
         paths[split] = path
     with open(os.path.join(out_dir, "world.json"), "w") as f:
         json.dump({"seed": seed, "sizes": sizes, "questions_per_image": questions_per_image, "canvas": CANVAS,
-                   "style": asdict(style), "families": {k: list(v) for k, v in families.items()},
+                   "style": asdict(style), "split_families": {k: list(v) for k, v in families.items()},
                    "families": {f: KIND[f] for f in FAMILIES}}, f, indent=1)
     return paths
 
