@@ -276,8 +276,9 @@ def test_learning_curve_measures_the_model_it_trains(tmp_path):
     from visor_hf.toyworld.pipeline import learning_curve
 
     first = {"family": "number_large", "steps": 2, "images": 8}  # a curriculum: 2 steps of number_large alone
+    extra = {"family": "count_left", "images": 8}  # 8 count_left-only records shuffled into the 32 mixed ones
     points = learning_curve(str(tmp_path), preset="ci", style={"glyph": "6x8", "small_digits": "one"}, steps=4,
-                            eval_every=2, questions=10, dense_first=first)
+                            eval_every=2, questions=10, dense_first=first, dense_extra=extra)
     assert [p["step"] for p in points] == [2, 4, 6]
     info = json.loads((tmp_path / "curve.json").read_text())
     assert info["style"] == {"glyph": "6x8", "small_digits": "one"} and info["curve"] == points
@@ -286,7 +287,11 @@ def test_learning_curve_measures_the_model_it_trains(tmp_path):
     assert len(first_records) == 8 and {r["family"] for r in first_records} == {"number_large"}
     log = json.loads((tmp_path / "dense" / "training_log.json").read_text())
     assert [e["step"] for e in log["log_history"] if "loss" in e and e["split"] == "first"] == [1, 2]
-    assert [e["step"] for e in log["log_history"] if "loss" in e and e["split"] == "train"] == [1, 2, 3, 4]
+    train_steps = [e for e in log["log_history"] if "loss" in e and e["split"] == "train"]
+    assert [e["step"] for e in train_steps] == [1, 2, 3, 4]
+    assert float(train_steps[-1]["epoch"]) == pytest.approx(4 / 5)  # 40 records in batches of 8: an epoch is 5 steps
+    extra_records = [json.loads(line) for line in open(tmp_path / "data" / "extra.jsonl")]
+    assert len(extra_records) == 8 and {r["family"] for r in extra_records} == {"count_left"}
     model, processor = load_dense(str(tmp_path / "dense"))  # the last point is the saved model's accuracy
     summary = summarise(evaluate(model, processor, world.load_split(str(tmp_path / "data"), "test"), str(tmp_path / "data")))
     assert {k: v for k, v in points[-1].items() if k != "step"} == {k: v["accuracy"] for k, v in summary.items()}
