@@ -261,6 +261,18 @@ def test_fresh_split_check_compares_the_kept_model_on_another_world(seeds_run, t
     assert all(abs(kinds["coarse"]["difference"]) >= 0.45 for kinds in again["budgets"].values())
 
 
+@pytest.mark.slow
+def test_seeds_reuses_finished_seeds(seeds_run):
+    from visor_hf.toyworld.pipeline import run_seeds
+
+    before = (seeds_run / "seed3" / "results.json").read_text(), (seeds_run / "seed4" / "results.json").read_text()
+    run_seeds(str(seeds_run), preset="ci", seeds=(3, 4), jobs=2, fresh_world_seed=7)  # nothing to train again
+    info = json.loads((seeds_run / "seeds.json").read_text())
+    assert info["reused"] == [3, 4] and info["seconds"] < 120
+    assert ((seeds_run / "seed3" / "results.json").read_text(), (seeds_run / "seed4" / "results.json").read_text()) == before
+    assert "seeds [3, 4] ran in an earlier sitting" in (seeds_run / "report" / "results.md").read_text()
+
+
 def test_seeds_command_refuses_repeated_seeds():
     from visor_hf.toyworld.pipeline import main
 

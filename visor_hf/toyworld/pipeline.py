@@ -412,11 +412,22 @@ def fresh_split_check(model_dir: str, reported: dict, data_dir: str, world_seed:
     return check
 
 
+def finished_run(workdir: str, preset: str, seed: int) -> bool:
+    """Whether `workdir` holds a finished run (results.json) of `preset` with `seed`."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return False
+    results = json.load(open(path))
+    return results.get("preset") == preset and results.get("seed") == seed
+
+
 def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | None = None, write_docs: bool = False,
               save_checkpoint_to: str | None = None, fresh_world_seed: int = 1000) -> None:
     """The whole pipeline once per seed (`{workdir}/seed{n}`, each a `run --seed n` subprocess, `jobs` at a time with
     cores // jobs torch threads each), then: the report over seeds (the first seed's run is the kept one), its
-    checkpoint, and that checkpoint on a fresh test split of a world drawn with `fresh_world_seed`."""
+    checkpoint, and that checkpoint on a fresh test split of a world drawn with `fresh_world_seed`. A seed whose
+    folder already has results.json (a finished run of the same preset) is not run again: seeds can be spread over
+    several sittings."""
     from .report import write_seed_report
 
     workdir = os.path.abspath(workdir)
@@ -425,7 +436,12 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    start, pending, running = time.time(), list(seeds), []
+    start, running = time.time(), []
+    pending = [seed for seed in seeds if not finished_run(os.path.join(workdir, f"seed{seed}"), preset, seed)]
+    run_now = list(pending)
+    if len(pending) < len(seeds):
+        print(f"[toyworld] seeds {sorted(set(seeds) - set(pending))} already done (their results.json); running {pending}",
+              flush=True)
     while pending or running:
         while pending and len(running) < jobs:
             seed = pending.pop(0)
@@ -452,6 +468,7 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
     timings = {seed: json.load(open(os.path.join(d, "timings.json"))) for seed, d in zip(seeds, seed_dirs)}
     with open(os.path.join(workdir, "seeds.json"), "w") as f:
         json.dump({"seeds": list(seeds), "jobs": jobs, "threads": threads, "seconds": time.time() - start,
+                   "reused": sorted(set(seeds) - set(run_now)),
                    "command": command, "timings": timings}, f, indent=1)
     kept = seed_dirs[0]
     print(f"[toyworld] fresh split: seed {seeds[0]}'s model on a world drawn with seed {fresh_world_seed}", flush=True)

@@ -410,7 +410,9 @@ def seeds_provenance(merged: dict, seeds_info: dict) -> str:
     return (f"Run: `{seeds_info['command']}`, preset `{merged['preset']}`, seeds {merged['seeds']} (each seed draws its own "
             f"world and trains with its own seed), {seeds_info['jobs']} at a time with {seeds_info['threads']} torch "
             f"thread(s) each, on {int(machine['cpu_count'])} CPU cores ({machine['processor']}), torch {machine['torch']}, "
-            f"transformers {machine['transformers']}: {seeds_info['seconds'] / 60:.0f} min in all. Per seed, stage times (min): "
+            f"transformers {machine['transformers']}: {seeds_info['seconds'] / 60:.0f} min in all"
+            + (f" (seeds {seeds_info['reused']} ran in an earlier sitting)" if seeds_info.get("reused") else "")
+            + ". Per seed, stage times (min): "
             + "; ".join(f"seed {seed}: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in t.items())
                         for seed, t in seeds_info["timings"].items())
             + f". Dense model {model['dense_num_parameters'] / 1e6:.2f} M parameters, VISOR {model['num_parameters'] / 1e6:.2f} M; "
