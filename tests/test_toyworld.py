@@ -259,6 +259,10 @@ def test_fresh_split_check_compares_the_kept_model_on_another_world(seeds_run, t
     again = fresh_split_check(str(seeds_run / "seed3" / "final"), shifted, str(tmp_path / "fresh"), 7, 10)
     assert again["within"] is False
     assert all(abs(kinds["coarse"]["difference"]) >= 0.45 for kinds in again["budgets"].values())
+    # the fresh world is drawn in the style it is given (the preset's, which the model was trained on)
+    fresh_split_check(str(seeds_run / "seed3" / "final"), reported, str(tmp_path / "big"), 7, 10, style={"glyph": "6x8"})
+    assert json.loads((tmp_path / "big" / "world.json").read_text())["style"]["glyph"] == "6x8"
+    assert json.loads((seeds_run / "fresh_data" / "world.json").read_text())["style"] == {"glyph": "3x5", "small_digits": "all"}
 
 
 @pytest.mark.slow

@@ -382,9 +382,9 @@ def run_pipeline(workdir: str, preset: str = "full", first: str = "data", last: 
 
 
 def fresh_split_check(model_dir: str, reported: dict, data_dir: str, world_seed: int, size: int,
-                      tolerance: float = 0.05) -> dict:
-    """Evaluate the VISOR model in `model_dir` on a test split of a world drawn with `world_seed` (written to
-    `data_dir`) at every budget `reported` has, and compare its accuracy per kind with `reported` (a run's
+                      tolerance: float = 0.05, style: dict | None = None) -> dict:
+    """Evaluate the VISOR model in `model_dir` on a test split of a world drawn with `world_seed` in `style` (the
+    fields of the `world.Style` the model was trained on; written to `data_dir`) at every budget `reported` has, and compare its accuracy per kind with `reported` (a run's
     results.json). Returns {"world_seed", "questions", "tolerance", "budgets": {name: {kind: {"reported", "fresh",
     "difference"}}}, "within"}: within is whether every |difference| <= tolerance."""
     import torch
@@ -392,9 +392,9 @@ def fresh_split_check(model_dir: str, reported: dict, data_dir: str, world_seed:
     from ..modeling_visor import VisorForConditionalGeneration
     from ..processing_visor import VisorProcessor
     from .evaluate import evaluate, summarise
-    from .world import load_split, write_world
+    from .world import Style, load_split, write_world
 
-    write_world(data_dir, {"test": size}, seed=world_seed)
+    write_world(data_dir, {"test": size}, seed=world_seed, style=Style(**(style or {})))
     test = load_split(data_dir, "test")
     model = VisorForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = VisorProcessor.from_pretrained(model_dir)
@@ -474,7 +474,7 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
     print(f"[toyworld] fresh split: seed {seeds[0]}'s model on a world drawn with seed {fresh_world_seed}", flush=True)
     reported = json.load(open(os.path.join(kept, "results.json")))
     check = fresh_split_check(os.path.join(kept, "final"), reported, os.path.join(workdir, "fresh_data"), fresh_world_seed,
-                              PRESETS[preset].sizes["test"])
+                              PRESETS[preset].sizes["test"], style=PRESETS[preset].style)
     with open(os.path.join(workdir, "fresh_split.json"), "w") as f:
         json.dump(check, f, indent=1)
     write_seed_report(workdir, seed_dirs, results_dir=RESULTS_DIR if write_docs else os.path.join(workdir, "report"),
