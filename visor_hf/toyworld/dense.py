@@ -64,7 +64,7 @@ class LearningCurve(TrainerCallback):
     def __init__(self, processor, records, image_folder: str, every: int):
         self.processor, self.records, self.image_folder, self.every = processor, records, image_folder, every
         self.points = []
-        self.offset = 0  # steps of earlier training phases, added to the phase's own step count
+        self.offset = 0  # steps of the training phases already ended (a curriculum trains in two), added to the step
 
     def measure(self, model, step: int) -> None:
         from .evaluate import evaluate, summarise
@@ -83,6 +83,7 @@ class LearningCurve(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.measure(model, self.offset + state.global_step)
+        self.offset += state.global_step
 
 
 def load_dense(path: str):
@@ -103,14 +104,20 @@ def train_dense(data_dir: str, out_dir: str, options: DenseTrainingOptions | Non
     model = LlavaOnevisionForConditionalGeneration(config)
     tokenizer = build_tokenizer()
     processor = dense_processor(tokenizer, image_processor(config))
+    split_records = lambda name: load_records(os.path.join(data_dir, f"{name}.jsonl"))
     curve = None
     if options.eval_every > 0:
-        records = load_records(os.path.join(data_dir, f"{options.eval_split}.jsonl"))
+        records = split_records(options.eval_split)
         records = records.select(range(min(options.eval_questions, len(records))))
         curve = LearningCurve(processor, records, data_dir, options.eval_every)
-    phases = [(options.first_split, options.first_steps)] if options.first_split and options.first_steps > 0 else []
+    training = split_records(split)
+    if options.extra_split:
+        training = datasets.concatenate_datasets([training, split_records(options.extra_split)])
+    phases = [(split, training, options.max_steps)]
+    if options.first_split and options.first_steps > 0:
+        phases.insert(0, (options.first_split, split_records(options.first_split), options.first_steps))
     log_history, start = [], time.time()
-    for phase_split, steps in phases + [(split, options.max_steps)]:
+    for phase_split, records, steps in phases:
         args = TrainingArguments(
             output_dir=os.path.join(out_dir, "trainer"), max_steps=steps,
             per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,
@@ -118,17 +125,12 @@ def train_dense(data_dir: str, out_dir: str, options: DenseTrainingOptions | Non
             logging_steps=options.logging_steps, save_strategy="no", report_to="none", remove_unused_columns=False,
             seed=options.seed, use_cpu=True, disable_tqdm=True,
         )
-        records = load_records(os.path.join(data_dir, f"{phase_split}.jsonl"))
-        if phase_split == split and options.extra_split:
-            records = datasets.concatenate_datasets([records, load_records(os.path.join(data_dir, f"{options.extra_split}.jsonl"))])
         trainer = Trainer(
             model=model, args=args, train_dataset=records,
             data_collator=DenseCollator(processor, image_folder=data_dir), callbacks=[curve] if curve else None,
         )
         trainer.train()
         log_history += [dict(entry, split=phase_split) for entry in trainer.state.log_history]
-        if curve:
-            curve.offset += steps
     seconds = time.time() - start
     model.eval()
     save_llava_onevision(model, out_dir, layout="legacy", tokenizer=tokenizer, image_processor=image_processor(config),

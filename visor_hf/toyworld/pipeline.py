@@ -161,41 +161,43 @@ def logged_losses(text: str) -> list[float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def stage_data(run: Run) -> None:
+def write_data(data_dir: str, p: Preset, sizes: dict, seed: int, style: dict, dense_first: dict, dense_extra: dict) -> None:
+    """`sizes`' splits of a world drawn in `style` (`world.Style`'s fields), plus the dense baseline's curriculum
+    ("first") and interleaved ("extra") splits, each asking its one family."""
     from .world import Style, write_world
 
+    families = {}
+    for name, setting in (("first", dense_first), ("extra", dense_extra)):
+        if setting:
+            sizes, families[name] = {**sizes, name: setting["images"]}, (setting["family"],)
+    write_world(data_dir, sizes, seed=seed, questions_per_image={"train": p.questions_per_image}, style=Style(**style),
+                families=families)
+
+
+def dense_options(p: Preset, seed: int, steps: int, dense_first: dict, dense_extra: dict, **more):
+    """The dense baseline's `DenseTrainingOptions` for preset `p` (its model, batch, learning rate, warm-up)."""
+    from .dense import DenseTrainingOptions
+
+    if dense_first:
+        more.update(first_split="first", first_steps=dense_first["steps"])
+    if dense_extra:
+        more.update(extra_split="extra")
+    return DenseTrainingOptions(size=p.model, max_steps=steps, batch_size=p.batch_size, learning_rate=p.dense_lr,
+                                warmup_steps=p.warmup_steps, seed=seed, logging_steps=max(1, min(25, steps // 10)), **more)
+
+
+def stage_data(run: Run) -> None:
     start = time.time()
     p = run.preset
-    sizes, families = dense_splits(p.dense_first, p.dense_extra)
-    write_world(run.path("data"), {**p.sizes, **sizes}, seed=run.seed, questions_per_image={"train": p.questions_per_image},
-                style=Style(**p.style), families=families)
+    write_data(run.path("data"), p, p.sizes, run.seed, p.style, p.dense_first, p.dense_extra)
     run.record("data", time.time() - start)
 
 
-def dense_splits(dense_first: dict, dense_extra: dict) -> tuple[dict, dict]:
-    """({split: images}, {split: (family,)}) of the dense baseline's curriculum ("first") and interleaved ("extra")
-    splits."""
-    sizes, families = {}, {}
-    for name, setting in (("first", dense_first), ("extra", dense_extra)):
-        if setting:
-            sizes[name], families[name] = setting["images"], (setting["family"],)
-    return sizes, families
-
-
-def dense_options(dense_first: dict, dense_extra: dict) -> dict:
-    """DenseTrainingOptions' fields for a preset's `dense_first` and `dense_extra`."""
-    options = {"first_split": "first", "first_steps": dense_first["steps"]} if dense_first else {}
-    return {**options, **({"extra_split": "extra"} if dense_extra else {})}
-
-
 def stage_dense(run: Run) -> None:
-    from .dense import DenseTrainingOptions, train_dense
+    from .dense import train_dense
 
     p = run.preset
-    options = DenseTrainingOptions(size=p.model, max_steps=p.dense_steps, batch_size=p.batch_size,
-                                   learning_rate=p.dense_lr, warmup_steps=p.warmup_steps, seed=run.seed,
-                                   logging_steps=max(1, min(25, p.dense_steps // 10)),
-                                   **dense_options(p.dense_first, p.dense_extra))
+    options = dense_options(p, run.seed, p.dense_steps, p.dense_first, p.dense_extra)
     start = time.time()
     train_dense(run.path("data"), run.path("dense"), options)
     run.record("dense", time.time() - start)
@@ -437,11 +439,10 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     start, running = time.time(), []
-    pending = [seed for seed in seeds if not finished_run(os.path.join(workdir, f"seed{seed}"), preset, seed)]
-    run_now = list(pending)
-    if len(pending) < len(seeds):
-        print(f"[toyworld] seeds {sorted(set(seeds) - set(pending))} already done (their results.json); running {pending}",
-              flush=True)
+    reused = [seed for seed in seeds if finished_run(os.path.join(workdir, f"seed{seed}"), preset, seed)]
+    pending = [seed for seed in seeds if seed not in reused]
+    if reused:
+        print(f"[toyworld] seeds {reused} already done (their results.json); running {pending}", flush=True)
     while pending or running:
         while pending and len(running) < jobs:
             seed = pending.pop(0)
@@ -468,7 +469,7 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
     timings = {seed: json.load(open(os.path.join(d, "timings.json"))) for seed, d in zip(seeds, seed_dirs)}
     with open(os.path.join(workdir, "seeds.json"), "w") as f:
         json.dump({"seeds": list(seeds), "jobs": jobs, "threads": threads, "seconds": time.time() - start,
-                   "reused": sorted(set(seeds) - set(run_now)),
+                   "reused": reused,
                    "command": command, "timings": timings}, f, indent=1)
     kept = seed_dirs[0]
     print(f"[toyworld] fresh split: seed {seeds[0]}'s model on a world drawn with seed {fresh_world_seed}", flush=True)
@@ -494,8 +495,8 @@ def learning_curve(workdir: str, preset: str = "full", style: dict | None = None
     """Train only the dense baseline of `preset` (its model, batch, learning rate; `steps` or the preset's) on a world
     drawn in `style`, measuring its accuracy per family on `questions` test questions every `eval_every` steps:
     how long the baseline needs to learn each family. Writes curve.json, curve.md and curve.png in `workdir`."""
-    from .dense import DenseTrainingOptions, train_dense
-    from .world import FAMILIES, Style, write_world
+    from .dense import train_dense
+    from .world import Style
 
     p = PRESETS[preset]
     style = Style(**(style if style is not None else p.style))
@@ -503,13 +504,10 @@ def learning_curve(workdir: str, preset: str = "full", style: dict | None = None
     dense_extra = p.dense_extra if dense_extra is None else dense_extra
     workdir = os.path.abspath(workdir)
     start = time.time()
-    sizes, families = dense_splits(dense_first, dense_extra)
-    write_world(os.path.join(workdir, "data"), {"train": p.sizes["train"], "test": questions, **sizes}, seed=seed,
-                questions_per_image={"train": p.questions_per_image}, style=style, families=families)
-    options = DenseTrainingOptions(size=p.model, max_steps=steps or p.dense_steps, batch_size=p.batch_size,
-                                   learning_rate=p.dense_lr, warmup_steps=p.warmup_steps, seed=seed,
-                                   logging_steps=max(1, min(25, (steps or p.dense_steps) // 10)), eval_every=eval_every,
-                                   eval_questions=questions, **dense_options(dense_first, dense_extra))
+    write_data(os.path.join(workdir, "data"), p, {"train": p.sizes["train"], "test": questions}, seed, asdict(style),
+               dense_first, dense_extra)
+    options = dense_options(p, seed, steps or p.dense_steps, dense_first, dense_extra, eval_every=eval_every,
+                            eval_questions=questions)
     log = train_dense(os.path.join(workdir, "data"), os.path.join(workdir, "dense"), options)
     shutil.rmtree(os.path.join(workdir, "dense", "trainer"), ignore_errors=True)
     points = log["curve"]

@@ -33,6 +33,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(os.path.dirname(PACKAGE_DIR))
 MARKERS = {"README.md": "toyworld:readme", "BENCHMARKS.md": "toyworld:benchmarks"}
 COARSE_THRESHOLD, FINE_GAIN, AUTO_ACCURACY, AUTO_FLOPS = 0.03, 0.10, 0.99, 0.90
+MEASURES = ("Accuracy is exact match of the one-word answer (greedy); FLOPs are the language model's prefill "
+            "(`visor_hf.flops`, the router's MLP included for \"auto\"; the vision encoder, the same for all, is left out).")
 SCORING_NOTE = (
     "The pruning scores come from the toy vision tower's one SigLIP layer, which is untrained: LLaVA-OneVision takes "
     "the features before it (`vision_feature_layer=-2`, so that every visual token stays one 8 x 8 patch, the world's "
@@ -206,6 +208,14 @@ def reduction_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def reduction_block(results: dict) -> list[str]:
+    """The token-reduction section of a report ([] when the run has no pruning rows)."""
+    if not results.get("reduction"):
+        return []
+    return ["Token reduction (training-free pruning at the share of visual tokens kept; the paper's claim is that "
+            "pruning hurts fine-grained questions most):\n\n" + reduction_table(results) + "\n\n" + SCORING_NOTE]
+
+
 def claims_block(results: dict) -> str:
     return "\n".join(f"- {c['claim']}: **{'holds' if c['holds'] else 'does not hold'}**. {c['evidence']}."
                      for c in claims(results))
@@ -229,21 +239,13 @@ def provenance(results: dict, workdir: str) -> str:
 def markdown(results: dict, workdir: str, plot_name: str = "results.png") -> str:
     return "\n\n".join([
         main_table(results),
-        "Accuracy is exact match of the one-word answer (greedy); FLOPs are the language model's prefill "
-        "(`visor_hf.flops`, the router's MLP included for \"auto\"; the vision encoder, the same for all, is left out).",
+        MEASURES,
         "The paper's claims on this world:\n\n" + claims_block(results),
         "What the router picks (share of test questions per configuration of self-attention layers):\n\n" + router_table(results),
         "Accuracy (%) per question family:\n\n" + family_table(results),
-        *(["Token reduction (training-free pruning at the share of visual tokens kept; the paper's claim is that "
-            "pruning hurts fine-grained questions most):\n\n" + reduction_table(results) + "\n\n" + SCORING_NOTE]
-          if results.get("reduction") else []),
+        *reduction_block(results),
         provenance(results, workdir),
     ])
-
-
-def plot(results: dict, path: str) -> None:
-    """Accuracy against FLOPs per question kind: fixed budgets, auto and dense (one run: `seed_plot` without spread)."""
-    seed_plot(results, path)
 
 
 def replace_block(path: str, marker: str, body: str) -> None:
@@ -309,12 +311,11 @@ def merge_seeds(runs: list[dict]) -> dict:
     names = fixed_budgets(runs[0])
     runs = [runs[0]] + [_by_size(r, names) for r in runs[1:]]
 
-    def merge(items, zero_missing=False):
+    def merge(items, fill=None):  # fill: a dict's value where a seed lacks the key (None: keep the keys all have)
         first = items[0]
         if isinstance(first, dict):
-            keys = list(dict.fromkeys(k for i in items for k in i)) if zero_missing else [k for k in first if all(k in i for i in items)]
-            return {k: merge([i.get(k, 0.0) for i in items], zero_missing=False) if zero_missing
-                    else merge([i[k] for i in items], zero_missing=(k == "configurations")) for k in keys}
+            keys = [k for k in first if all(k in i for i in items)] if fill is None else list(dict.fromkeys(k for i in items for k in i))
+            return {k: merge([i.get(k, fill) for i in items], 0.0 if k == "configurations" else None) for k in keys}
         if isinstance(first, list) and first and all(isinstance(x, dict) for x in first) and len({len(i) for i in items}) == 1:
             return [merge([i[j] for i in items]) for j in range(len(first))]
         if isinstance(first, bool) or not isinstance(first, (int, float)):
@@ -428,47 +429,45 @@ def seed_markdown(merged: dict, runs: list[dict], seeds_info: dict, check: dict 
     return "\n\n".join([
         main_table(merged),
         f"Mean ± standard deviation over seeds {merged['seeds']}; the kept checkpoint (`visor_hf/toyworld/checkpoint`) is seed "
-        f"{kept}'s. Accuracy is exact match of the one-word answer (greedy); FLOPs are the language model's prefill "
-        "(`visor_hf.flops`, the router's MLP included for \"auto\"; the vision encoder, the same for all, is left out).",
+        f"{kept}'s. " + MEASURES,
         "The paper's claims on this world (criteria fixed before the run):\n\n" + seed_claims_block(merged, runs),
         "Per family:\n\n" + family_verdict_table(merged, runs),
         "Per seed:\n\n" + seed_table(runs, kept),
         f"What the router picks (seed {kept}, the kept checkpoint; share of test questions per configuration):\n\n"
         + router_table(runs[0]),
         "Accuracy (%) per question family:\n\n" + family_table(merged),
-        *(["Token reduction (training-free pruning at the share of visual tokens kept; the paper's claim is that "
-           "pruning hurts fine-grained questions most):\n\n" + reduction_table(merged) + "\n\n" + SCORING_NOTE]
-          if merged.get("reduction") else []),
+        *reduction_block(merged),
         *([fresh_split_table(check)] if check else []),
         seeds_provenance(merged, seeds_info),
     ])
 
 
-def seed_plot(merged: dict, path: str) -> None:
-    """`plot` over seeds: the means, with error bars of one standard deviation (none for a single run's results)."""
+def plot(results: dict, path: str) -> None:
+    """Accuracy against FLOPs per question kind: fixed budgets, auto and dense; over seeds the means, with error bars of
+    one standard deviation (none for a single run's results)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    names = fixed_budgets(merged)
+    names = fixed_budgets(results)
     sd = lambda x: 100 * getattr(x, "sd", 0.0)
     for group, colour in (("coarse", "tab:blue"), ("fine", "tab:red")):
-        stats = [merged["budgets"][n][group] for n in names]
+        stats = [results["budgets"][n][group] for n in names]
         ax.errorbar([s["relative_flops"] for s in stats], [100 * s["accuracy"] for s in stats],
                     yerr=[sd(s["accuracy"]) for s in stats], fmt="o-", color=colour, capsize=3, label=f"{group}: fixed budgets")
         for n, s in zip(names, stats):
             ax.annotate(str(len(ast.literal_eval(n))), (s["relative_flops"], 100 * s["accuracy"]),
                         textcoords="offset points", xytext=(4, -10), fontsize=8, color=colour)
-        auto, dense = merged["budgets"]["auto"][group], merged["dense"][group]
+        auto, dense = results["budgets"]["auto"][group], results["dense"][group]
         ax.errorbar([auto["relative_flops"]], [100 * auto["accuracy"]], yerr=[sd(auto["accuracy"])], fmt="*", ms=14,
                     color=colour, capsize=3, label=f"{group}: auto")
         ax.errorbar([1.0], [100 * dense["accuracy"]], yerr=[sd(dense["accuracy"])], fmt="s", ms=8, mfc="none",
                     color=colour, capsize=3, label=f"{group}: dense")
     ax.set_xlabel("language-model prefill FLOPs relative to dense LLaVA-OV")
     ax.set_ylabel("test accuracy (%)")
-    seeds = f", {len(merged['seeds'])} seeds" if len(merged.get("seeds", [])) > 1 else ""
+    seeds = f", {len(results['seeds'])} seeds" if len(results.get("seeds", [])) > 1 else ""
     ax.set_title(f"VISOR on the toy world{seeds} (numbers: self-attention layers)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -507,7 +506,7 @@ def write_seed_report(workdir: str, seed_dirs: list[str], results_dir: str, writ
                "families": _plain(family_verdicts(merged)), "fresh_split": check, "run": seeds_info}
     with open(os.path.join(results_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    seed_plot(merged, os.path.join(results_dir, "results.png"))
+    plot(merged, os.path.join(results_dir, "results.png"))
     if write_docs:
         relative_plot = os.path.relpath(os.path.join(results_dir, "results.png"), REPO_DIR)
         readme = "\n\n".join([main_table(merged), seed_claims_block(merged, runs),
