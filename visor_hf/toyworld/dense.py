@@ -48,8 +48,8 @@ class DenseTrainingOptions:
     eval_split: str = "test"
     eval_questions: int = 500
     # A curriculum: first `first_steps` steps on `{first_split}.jsonl` (its own warm-up and cosine schedule), then
-    # `max_steps` on the training split. Mixed from the start, the baseline left `number_large` at chance for
-    # thousands of steps while learning the other families (BENCHMARKS.md, "Toy world: learning curves").
+    # `max_steps` on the training split. (Issue 16 tried it for an earlier world's digit family, which mixed training
+    # left at chance: BENCHMARKS.md, "Toy world: can the dense baseline learn every family?".)
     first_split: str | None = None
     first_steps: int = 0
     # An interleaved mix: `{extra_split}.jsonl`'s records shuffled into the training split's (e.g. one family alone,

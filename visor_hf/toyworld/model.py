@@ -6,8 +6,8 @@ The dense baseline is transformers' own `LlavaOnevisionForConditionalGeneration`
   LLaVA-OneVision takes its features at `vision_feature_layer=-2` of a one-layer SigLIP: the patch + position
   embeddings, before any encoder layer (transformers' SigLIP needs at least one layer; it runs, and its output
   is not used). Each
-  visual token so describes one 8 x 8 patch and nothing else, and every relation between patches (which shape
-  a digit is printed under, what lies left of what) has to be worked out by the language model's layers
+  visual token so describes one 8 x 8 patch and nothing else, and every relation between patches (what lies
+  left of or above what) has to be worked out by the language model's layers
   refining the visual tokens: what VISOR's self-attention layers keep and its cross-attention-only budget drops.
 - anyres: a 64 x 64 image becomes the 32-px base view plus a 2 x 2 grid of full-resolution crops: 16 + 64
   tokens plus 8 row-newline tokens = 88 visual tokens.

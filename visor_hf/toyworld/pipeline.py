@@ -6,7 +6,7 @@
     python -m visor_hf.toyworld run --workdir toy_run --from search         # resume from a stage
     python -m visor_hf.toyworld run --workdir toy_run --seed 1              # another world and training seed
     python -m visor_hf.toyworld seeds --workdir toy_runs --seeds 0 1 2      # once per seed (in parallel), report over seeds
-    python -m visor_hf.toyworld curve --workdir toy_curve --glyph 6x8       # the dense baseline's accuracy while it trains
+    python -m visor_hf.toyworld curve --workdir toy_curve                   # the dense baseline's accuracy while it trains
 
 Stages (each writes into the work directory; `commands.sh` there lists the exact commands run):
 
@@ -74,7 +74,6 @@ class Preset:
     reduction_keep_ratio: float = 0.25  # token-reduction rows of the evaluation (issue 8)
     warmup_steps: int = 100
     extra_train_args: list = field(default_factory=list)
-    style: dict = field(default_factory=dict)  # world.Style's fields: how the world is drawn
     # the dense baseline's curriculum: {"family": ..., "steps": ..., "images": ...}: first `steps` steps on a split
     # ("first") of `images` images asking only `family`, then `dense_steps` on the training split; {}: none
     dense_first: dict = field(default_factory=dict)
@@ -88,7 +87,7 @@ PRESETS = {
     "full": Preset(
         sizes={"train": 30000, "val": 500, "label": 1500, "test": 1500}, questions_per_image=5, model=ModelSize(),
         cross_attn_layers="1,3,5", self_attn_layers="1,3,5",
-        dense_steps=4000, dense_lr=5e-4, stage1_steps=300, stage1_lr=1e-3, universal_steps=1500, universal_lr=2e-4,
+        dense_steps=6000, dense_lr=5e-4, stage1_steps=300, stage1_lr=1e-3, universal_steps=1500, universal_lr=2e-4,
         router_steps=300, router_lr=1e-3, batch_size=16,
     ),
     # What tests/test_toyworld.py runs: the same path, tiny everything.
@@ -161,17 +160,16 @@ def logged_losses(text: str) -> list[float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_data(data_dir: str, p: Preset, sizes: dict, seed: int, style: dict, dense_first: dict, dense_extra: dict) -> None:
-    """`sizes`' splits of a world drawn in `style` (`world.Style`'s fields), plus the dense baseline's curriculum
-    ("first") and interleaved ("extra") splits, each asking its one family."""
-    from .world import Style, write_world
+def write_data(data_dir: str, p: Preset, sizes: dict, seed: int, dense_first: dict, dense_extra: dict) -> None:
+    """`sizes`' splits of the world, plus the dense baseline's curriculum ("first") and interleaved ("extra")
+    splits, each asking its one family."""
+    from .world import write_world
 
     families = {}
     for name, setting in (("first", dense_first), ("extra", dense_extra)):
         if setting:
             sizes, families[name] = {**sizes, name: setting["images"]}, (setting["family"],)
-    write_world(data_dir, sizes, seed=seed, questions_per_image={"train": p.questions_per_image}, style=Style(**style),
-                families=families)
+    write_world(data_dir, sizes, seed=seed, questions_per_image={"train": p.questions_per_image}, families=families)
 
 
 def dense_options(p: Preset, seed: int, steps: int, dense_first: dict, dense_extra: dict, **more):
@@ -189,7 +187,7 @@ def dense_options(p: Preset, seed: int, steps: int, dense_first: dict, dense_ext
 def stage_data(run: Run) -> None:
     start = time.time()
     p = run.preset
-    write_data(run.path("data"), p, p.sizes, run.seed, p.style, p.dense_first, p.dense_extra)
+    write_data(run.path("data"), p, p.sizes, run.seed, p.dense_first, p.dense_extra)
     run.record("data", time.time() - start)
 
 
@@ -384,9 +382,9 @@ def run_pipeline(workdir: str, preset: str = "full", first: str = "data", last: 
 
 
 def fresh_split_check(model_dir: str, reported: dict, data_dir: str, world_seed: int, size: int,
-                      tolerance: float = 0.05, style: dict | None = None) -> dict:
-    """Evaluate the VISOR model in `model_dir` on a test split of a world drawn with `world_seed` in `style` (the
-    fields of the `world.Style` the model was trained on; written to `data_dir`) at every budget `reported` has, and compare its accuracy per kind with `reported` (a run's
+                      tolerance: float = 0.05) -> dict:
+    """Evaluate the VISOR model in `model_dir` on a test split of a world drawn with `world_seed` (written to
+    `data_dir`) at every budget `reported` has, and compare its accuracy per kind with `reported` (a run's
     results.json). Returns {"world_seed", "questions", "tolerance", "budgets": {name: {kind: {"reported", "fresh",
     "difference"}}}, "within"}: within is whether every |difference| <= tolerance."""
     import torch
@@ -394,9 +392,9 @@ def fresh_split_check(model_dir: str, reported: dict, data_dir: str, world_seed:
     from ..modeling_visor import VisorForConditionalGeneration
     from ..processing_visor import VisorProcessor
     from .evaluate import evaluate, summarise
-    from .world import Style, load_split, write_world
+    from .world import load_split, write_world
 
-    write_world(data_dir, {"test": size}, seed=world_seed, style=Style(**(style or {})))
+    write_world(data_dir, {"test": size}, seed=world_seed)
     test = load_split(data_dir, "test")
     model = VisorForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = VisorProcessor.from_pretrained(model_dir)
@@ -475,7 +473,7 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
     print(f"[toyworld] fresh split: seed {seeds[0]}'s model on a world drawn with seed {fresh_world_seed}", flush=True)
     reported = json.load(open(os.path.join(kept, "results.json")))
     check = fresh_split_check(os.path.join(kept, "final"), reported, os.path.join(workdir, "fresh_data"), fresh_world_seed,
-                              PRESETS[preset].sizes["test"], style=PRESETS[preset].style)
+                              PRESETS[preset].sizes["test"])
     with open(os.path.join(workdir, "fresh_split.json"), "w") as f:
         json.dump(check, f, indent=1)
     write_seed_report(workdir, seed_dirs, results_dir=RESULTS_DIR if write_docs else os.path.join(workdir, "report"),
@@ -489,29 +487,27 @@ def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | N
 # --------------------------------------------------------------------------------------------------
 
 
-def learning_curve(workdir: str, preset: str = "full", style: dict | None = None, steps: int | None = None,
+def learning_curve(workdir: str, preset: str = "full", steps: int | None = None,
                    eval_every: int = 500, seed: int = 0, questions: int = 500, dense_first: dict | None = None,
                    dense_extra: dict | None = None) -> list[dict]:
-    """Train only the dense baseline of `preset` (its model, batch, learning rate; `steps` or the preset's) on a world
-    drawn in `style`, measuring its accuracy per family on `questions` test questions every `eval_every` steps:
+    """Train only the dense baseline of `preset` (its model, batch, learning rate; `steps` or the preset's),
+    measuring its accuracy per family on `questions` test questions every `eval_every` steps:
     how long the baseline needs to learn each family. Writes curve.json, curve.md and curve.png in `workdir`."""
     from .dense import train_dense
-    from .world import Style
 
     p = PRESETS[preset]
-    style = Style(**(style if style is not None else p.style))
     dense_first = p.dense_first if dense_first is None else dense_first
     dense_extra = p.dense_extra if dense_extra is None else dense_extra
     workdir = os.path.abspath(workdir)
     start = time.time()
-    write_data(os.path.join(workdir, "data"), p, {"train": p.sizes["train"], "test": questions}, seed, asdict(style),
-               dense_first, dense_extra)
+    write_data(os.path.join(workdir, "data"), p, {"train": p.sizes["train"], "test": questions}, seed, dense_first,
+               dense_extra)
     options = dense_options(p, seed, steps or p.dense_steps, dense_first, dense_extra, eval_every=eval_every,
                             eval_questions=questions)
     log = train_dense(os.path.join(workdir, "data"), os.path.join(workdir, "dense"), options)
     shutil.rmtree(os.path.join(workdir, "dense", "trainer"), ignore_errors=True)
     points = log["curve"]
-    info = {"preset": preset, "style": asdict(style), "dense_first": dense_first, "dense_extra": dense_extra,
+    info = {"preset": preset, "dense_first": dense_first, "dense_extra": dense_extra,
             "steps": options.max_steps, "seed": seed,
             "questions": questions,
             "seconds": time.time() - start, "machine": machine_description(), "curve": points}
@@ -537,7 +533,7 @@ def learning_curve(workdir: str, preset: str = "full", style: dict | None = None
         ax.axvline(dense_first["steps"], color="grey", lw=0.8)
     first = f", first {dense_first['steps']} steps {dense_first['family']} only" if dense_first else ""
     first += f", + {dense_extra['images']} {dense_extra['family']}-only records" if dense_extra else ""
-    ax.set_title(f"dense baseline: glyph {style.glyph}, digits under {style.small_digits} small shapes{first}", fontsize=9)
+    ax.set_title(f"dense baseline, preset {preset}{first}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -575,9 +571,6 @@ def main(argv=None) -> None:
     curve_parser = sub.add_parser("curve", help="The dense baseline's accuracy per family while it trains.")
     curve_parser.add_argument("--workdir", required=True)
     curve_parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
-    curve_parser.add_argument("--glyph", default=None, choices=["3x5", "6x8"], help="world.Style.glyph (default: the preset's)")
-    curve_parser.add_argument("--small-digits", default=None, choices=["all", "one"],
-                              help="world.Style.small_digits (default: the preset's)")
     curve_parser.add_argument("--steps", type=int, default=None, help="Training steps (default: the preset's dense_steps).")
     curve_parser.add_argument("--eval-every", type=int, default=500)
     curve_parser.add_argument("--questions", type=int, default=500, help="Test questions a measurement (default 500).")
@@ -596,11 +589,9 @@ def main(argv=None) -> None:
     if args.command == "run":
         run_pipeline(args.workdir, args.preset, args.first, args.last, args.write_docs, args.save_checkpoint, args.seed)
     elif args.command == "curve":
-        style = dict(PRESETS[args.preset].style)
-        style.update({k: v for k, v in (("glyph", args.glyph), ("small_digits", args.small_digits)) if v is not None})
         first = {"family": args.first_family, "steps": args.first_steps, "images": args.first_images} if args.first_family else None
         extra = {"family": args.extra_family, "images": args.extra_images} if args.extra_family else None
-        learning_curve(args.workdir, args.preset, style, args.steps, args.eval_every, args.seed, args.questions, first, extra)
+        learning_curve(args.workdir, args.preset, args.steps, args.eval_every, args.seed, args.questions, first, extra)
     elif args.command == "seeds":
         if len(set(args.seeds)) != len(args.seeds) or args.fresh_world_seed in args.seeds:
             parser.error(f"--seeds {args.seeds} must differ from each other and from --fresh-world-seed {args.fresh_world_seed}")
