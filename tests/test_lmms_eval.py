@@ -28,8 +28,8 @@ from visor_hf.toyworld import world  # noqa: E402
 
 NUM_QUESTIONS = 10  # two of each of the five question families
 TASK = "toy_visor"
-# chance of guessing each family's one-word answer: 5 colours, 3 shapes, left/right, 10 digits, 0-4 small shapes
-CHANCE = sum([1 / 5, 1 / 3, 1 / 2, 1 / 10, 1 / 5]) / 5
+# chance of guessing each family's one-word answer: 5 colours, 3 shapes, left/right, 0-4 small shapes (twice)
+CHANCE = sum([1 / 5, 1 / 3, 1 / 2, 1 / 5, 1 / 5]) / 5
 
 TASK_YAML = """\
 task: {task}

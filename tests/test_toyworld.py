@@ -30,8 +30,8 @@ def test_world_is_seeded_balanced_and_answers_are_single_words():
     assert all(len(r["conversations"]) == 6 and len(set(r["question_families"])) == 3 for r in train)
     answers = {f: {r["conversations"][1]["value"] for r, _ in world.split_records("val", 200, seed=0) if r["family"] == f}
                for f in world.FAMILIES}
-    assert answers["side_large"] == {"left", "right"} and len(answers["number_large"]) == 10
-    assert answers["count_left"] >= {"0", "1", "2", "3"}
+    assert answers["side_large"] == {"left", "right"}
+    assert answers["count_left"] == answers["count_above"] == set(world.COUNTS)
     assert all(r["kind"] == "mixed" for r in train)
     vocabulary = set(world.vocabulary())
     for record in first + train:
@@ -42,49 +42,38 @@ def test_world_is_seeded_balanced_and_answers_are_single_words():
 
 
 def test_scenes_are_well_formed():
-    for style in (world.Style(), world.Style("3x5", "all"), world.Style("6x8", "one")):
-        for i in range(50):
-            scene = world.sample_scene(__import__("random").Random(i), style=style)
-            assert 2 <= len(scene.small) <= 4
-            labelled = [s for s in [scene.large, *scene.small] if s.label is not None]
-            assert scene.large.label is not None and len({s.label for s in labelled}) == len(labelled)  # digits differ
-            assert len(labelled) == (1 + len(scene.small) if style.small_digits == "all" else 2)
-            assert abs(scene.large.centre_x - world.CANVAS / 2) >= 4  # left/right is unambiguous
-            assert all(abs(s.centre_x - scene.large.centre_x) >= 6 for s in scene.small)  # left/right is unambiguous
-            image = world.render(scene, style=style)
-            assert image.size == (world.CANVAS, world.CANVAS)
-            for shape in labelled:  # each digit alone in its own patch, below its shape
-                column, row = shape.label_patch()
-                assert row * world.PATCH >= shape.y + shape.size and (row + 1) * world.PATCH <= world.CANVAS
-                patch = image.crop((column * world.PATCH, row * world.PATCH, (column + 1) * world.PATCH, (row + 1) * world.PATCH))
-                pixels = [tuple(p) for p in __import__("numpy").asarray(patch).reshape(-1, 3).tolist()]
-                assert pixels.count((20, 20, 20)) == "".join(style.digits[shape.label]).count("1")
-                assert set(pixels) == {(20, 20, 20), scene.background}
-
-
-def test_style_draws_big_glyphs_and_one_distractor_digit_from_the_same_scenes():
     import numpy
     import random
 
-    for i in range(30):
-        plain = world.sample_scene(random.Random(i))
-        assert world.sample_scene(random.Random(i), style=world.Style(glyph="6x8")) == plain  # the glyph only changes drawing
-        one = world.sample_scene(random.Random(i), style=world.Style(small_digits="one"))
-        assert one.large.label is not None and sum(s.label is not None for s in one.small) == 1
-        image = numpy.asarray(world.render(plain, style=world.Style(glyph="6x8")))
-        for shape in [plain.large, *plain.small]:
-            column, row = shape.label_patch()
-            patch = image[row * world.PATCH:(row + 1) * world.PATCH, column * world.PATCH:(column + 1) * world.PATCH]
-            dark = (patch == 20).all(-1)
-            glyph = world.DIGITS[shape.label]
-            counts = [row.count("1") for row in glyph]  # rows 0, 1 and 3 drawn twice, rows 2 and 4 once; columns doubled
-            assert dark.sum() == 2 * (2 * counts[0] + 2 * counts[1] + counts[2] + 2 * counts[3] + counts[4])
-            rows, columns = dark.any(1).nonzero()[0], dark.any(0).nonzero()[0]
-            assert rows.min() >= 0 and rows.max() <= 7 and columns.min() >= 1 and columns.max() <= 6
-            if shape.label == "8":  # a full-box glyph fills the patch's height and six columns
-                assert (rows.min(), rows.max(), columns.min(), columns.max()) == (0, 7, 1, 6)
-    with pytest.raises(ValueError, match="allowed: glyph '3x5' or '6x8'"):
-        world.Style(glyph="5x7")
+    for i in range(100):
+        scene = world.sample_scene(random.Random(i))
+        assert 2 <= len(scene.small) <= 4 and all(s.size < scene.large.size for s in scene.small)
+        assert abs(scene.large.centre_x - world.CANVAS / 2) >= 4  # left/right is unambiguous
+        for s in scene.small:  # left of / above the large shape or not: never a tie
+            assert abs(s.centre_x - scene.large.centre_x) >= world.SEPARATION
+            assert abs(s.centre_y - scene.large.centre_y) >= world.SEPARATION
+        boxes = [s.box() for s in [scene.large, *scene.small]]
+        assert all(0 <= b[0] and 0 <= b[1] and b[2] <= world.CANVAS and b[3] <= world.CANVAS for b in boxes)
+        assert not any(world._overlaps(a, b, 0) for j, a in enumerate(boxes) for b in boxes[j + 1:])
+        image = numpy.asarray(world.render(scene))
+        assert image.shape == (world.CANVAS, world.CANVAS, 3)
+        for k, shape in enumerate([scene.large, *scene.small]):  # each shape's centre pixel has its (tinted) colour
+            colour = world._fill(shape.colour, scene.tints[k])
+            assert tuple(image[int(shape.centre_y), int(shape.centre_x)]) == colour
+
+
+def test_fine_answers_count_the_small_shapes_left_of_and_above_the_large_one():
+    large = world.Shape("red", "square", 20, 20, 20)  # centre (30, 30)
+    small = [world.Shape("blue", "circle", 2, 2, 8), world.Shape("green", "circle", 50, 4, 8),
+             world.Shape("yellow", "triangle", 4, 50, 8)]  # top left, top right, bottom left
+    scene = world.Scene(large, small)
+    rng = __import__("random").Random(0)
+    assert world.ask(scene, "count_left", rng) == ("how many small shapes are left of the large shape?", "2")
+    assert world.ask(scene, "count_above", rng) == ("how many small shapes are above the large shape?", "2")
+    assert world.ask(world.Scene(large, small[1:2]), "count_left", rng)[1] == "0"
+    assert world.ask(world.Scene(large, small[2:]), "count_above", rng)[1] == "0"
+    with pytest.raises(ValueError, match="allowed"):
+        world.ask(scene, "number_large", rng)
 
 
 def test_in_memory_dataset_holds_images():
@@ -259,10 +248,6 @@ def test_fresh_split_check_compares_the_kept_model_on_another_world(seeds_run, t
     again = fresh_split_check(str(seeds_run / "seed3" / "final"), shifted, str(tmp_path / "fresh"), 7, 10)
     assert again["within"] is False
     assert all(abs(kinds["coarse"]["difference"]) >= 0.45 for kinds in again["budgets"].values())
-    # the fresh world is drawn in the style it is given (the preset's, which the model was trained on)
-    fresh_split_check(str(seeds_run / "seed3" / "final"), reported, str(tmp_path / "big"), 7, 10, style={"glyph": "6x8"})
-    assert json.loads((tmp_path / "big" / "world.json").read_text())["style"]["glyph"] == "6x8"
-    assert json.loads((seeds_run / "fresh_data" / "world.json").read_text())["style"] == {"glyph": "3x5", "small_digits": "all"}
 
 
 @pytest.mark.slow
@@ -291,16 +276,15 @@ def test_learning_curve_measures_the_model_it_trains(tmp_path):
     from visor_hf.toyworld.evaluate import evaluate, summarise
     from visor_hf.toyworld.pipeline import learning_curve
 
-    first = {"family": "number_large", "steps": 2, "images": 8}  # a curriculum: 2 steps of number_large alone
+    first = {"family": "count_above", "steps": 2, "images": 8}  # a curriculum: 2 steps of count_above alone
     extra = {"family": "count_left", "images": 8}  # 8 count_left-only records shuffled into the 32 mixed ones
-    points = learning_curve(str(tmp_path), preset="ci", style={"glyph": "6x8", "small_digits": "one"}, steps=4,
+    points = learning_curve(str(tmp_path), preset="ci", steps=4,
                             eval_every=2, questions=10, dense_first=first, dense_extra=extra)
     assert [p["step"] for p in points] == [2, 4, 6]
     info = json.loads((tmp_path / "curve.json").read_text())
-    assert info["style"] == {"glyph": "6x8", "small_digits": "one"} and info["curve"] == points
-    assert json.loads((tmp_path / "data" / "world.json").read_text())["style"] == info["style"]
+    assert info["curve"] == points
     first_records = [json.loads(line) for line in open(tmp_path / "data" / "first.jsonl")]
-    assert len(first_records) == 8 and {r["family"] for r in first_records} == {"number_large"}
+    assert len(first_records) == 8 and {r["family"] for r in first_records} == {"count_above"}
     log = json.loads((tmp_path / "dense" / "training_log.json").read_text())
     assert [e["step"] for e in log["log_history"] if "loss" in e and e["split"] == "first"] == [1, 2]
     train_steps = [e for e in log["log_history"] if "loss" in e and e["split"] == "train"]
