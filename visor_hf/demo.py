@@ -55,7 +55,7 @@ def toy_questions() -> list[tuple[str, str, str, str]]:
 def list_questions() -> str:
     lines = ["The toy world's questions (what the toy checkpoint was trained on; its tokenizer knows only their words):",
              "  coarse: one property of the large shape, visible at low resolution",
-             "  fine:   a 3 x 5-pixel detail or a relation between shapes, which needs the visual tokens refined", ""]
+             "  fine:   where the small shapes lie against the large one, which needs the visual tokens refined", ""]
     lines += [f"  {kind:<7} {family:<13} {question}" for family, kind, question, _ in toy_questions()]
     return "\n".join(lines)
 
