@@ -23,6 +23,14 @@ NEW_TOKENS = 6  # greedy tokens compared per prompt (EOS suppressed on both side
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, different kernels
 
 
+def configuration_of_size(size: int) -> tuple[int, ...]:
+    """The kept checkpoint's searched configuration with `size` self-attention layers (its search picks the layers)."""
+    import json
+
+    configurations = json.load(open(os.path.join(CHECKPOINT, "config.json")))["configurations"]
+    return next(tuple(c) for c in configurations if len(c) == size)
+
+
 def chat_prompt(question: str, num_images: int = 1) -> str:
     """The toy checkpoint's chat template written out (the processor's template, images first)."""
     images = "<image>\n" * num_images

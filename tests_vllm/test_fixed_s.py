@@ -1,17 +1,17 @@
 """The plugin with a fixed self-attention set S chosen at launch (`hf_overrides={"serve_self_attn_layers": S}`)
 against `visor_hf` at `budget=S` on the kept toy checkpoint: greedy tokens equal, log-probabilities close.
 
-S = (3, 5) is one of the toy checkpoint's configurations: layer 3 and 5 run on [V; T] in the dense order, and the
+S is the toy checkpoint's configuration of two self-attention layers: they run on [V; T] in the dense order, and the
 cross-attention after them reads the visual tokens those layers changed."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import (CHECKPOINT, assert_same_greedy, chat_prompt, make_llm, multi_image_cases, request, toy_image,
-                      toy_question, vllm_greedy)
+from conftest import (CHECKPOINT, assert_same_greedy, chat_prompt, configuration_of_size, make_llm, multi_image_cases,
+                      request, toy_image, toy_question, vllm_greedy)
 
-SELF_ATTN_LAYERS = (3, 5)
+SELF_ATTN_LAYERS = configuration_of_size(2)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,12 @@ def test_served_self_attention_set_is_a_fixed_budget():
 
     config = VisorServingConfig.from_pretrained(CHECKPOINT)
     assert served_self_attn_layers(config) == ()
-    for value, layers in [([5, 3], (3, 5)), (1, (5,)), ("full", (1, 3, 5))]:
+    two, one = configuration_of_size(2), configuration_of_size(1)
+    for value, layers in [(list(reversed(two)), two), (1, one), ("full", (1, 3, 5))]:
         config.update({"serve_self_attn_layers": value})  # what vLLM does with hf_overrides
         assert served_self_attn_layers(config) == layers
-    for value in ([1, 5], "auto", 7):  # not a configuration; the router; no configuration has 7 layers
+    not_searched = next([a, b] for a in (1, 3, 5) for b in (1, 3, 5) if a < b and (a, b) != two)
+    for value in (not_searched, "auto", 7):  # not a configuration; the router; no configuration has 7 layers
         config.update({"serve_self_attn_layers": value})
         with pytest.raises(ValueError, match="serve_self_attn_layers"):
             served_self_attn_layers(config)

@@ -18,9 +18,9 @@ import urllib.request
 
 import pytest
 
-from conftest import CHECKPOINT, chat_prompt, toy_image, toy_question
+from conftest import CHECKPOINT, chat_prompt, configuration_of_size, toy_image, toy_question
 
-SELF_ATTN_LAYERS = (3, 5)
+SELF_ATTN_LAYERS = configuration_of_size(2)
 
 
 def free_port() -> int:

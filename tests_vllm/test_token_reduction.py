@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (assert_same_greedy, chat_prompt, make_llm, multi_image_cases, request, toy_image, toy_question,
-                      vllm_greedy)
+from conftest import (assert_same_greedy, chat_prompt, configuration_of_size, make_llm, multi_image_cases, request,
+                      toy_image, toy_question, vllm_greedy)
 
-SELF_ATTN_LAYERS = (3, 5)
+SELF_ATTN_LAYERS = configuration_of_size(2)
 REDUCTION = {"method": "visionzip", "keep_ratio": 0.5, "score_layer": 0}
 
 
