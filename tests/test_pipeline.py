@@ -4,19 +4,16 @@ transformers' own pipeline hands unknown call arguments to the processor (5.x; 4
 `budget` must be taken by VISOR's pipeline class (config.json `custom_pipelines`), which passes it to `generate`.
 """
 
-import json
-import os
-
 import pytest
 from PIL import Image
 from transformers import pipeline
 
-from visor_hf import VisorForConditionalGeneration, VisorProcessor
+from visor_hf import VisorConfig, VisorForConditionalGeneration, VisorProcessor
 from visor_hf.demo import DEFAULT_MODEL
 
 QUESTION = "what colour is the large shape?"
 # a layer set the toy checkpoint's search kept (each search picks its own layers)
-ONE_LAYER_SET = next(tuple(c) for c in json.load(open(os.path.join(DEFAULT_MODEL, "config.json")))["configurations"] if len(c) == 1)
+ONE_LAYER_SET = next(tuple(c) for c in VisorConfig.from_pretrained(DEFAULT_MODEL).configurations if len(c) == 1)
 
 
 @pytest.fixture(scope="module")

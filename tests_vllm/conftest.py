@@ -25,10 +25,9 @@ LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, different kernels
 
 def configuration_of_size(size: int) -> tuple[int, ...]:
     """The kept checkpoint's searched configuration with `size` self-attention layers (its search picks the layers)."""
-    import json
+    from visor_hf import VisorConfig
 
-    configurations = json.load(open(os.path.join(CHECKPOINT, "config.json")))["configurations"]
-    return next(tuple(c) for c in configurations if len(c) == size)
+    return next(tuple(c) for c in VisorConfig.from_pretrained(CHECKPOINT).configurations if len(c) == size)
 
 
 def chat_prompt(question: str, num_images: int = 1) -> str:
