@@ -20,7 +20,7 @@ convolution along the token sequence) does not reach from one shape to another. 
 relation: the large shape dominates the low-resolution base view.
 
 (Earlier worlds had a third fine family, `number_large`: a 3 x 5 or 6 x 8 pixel digit printed below each shape, and
-"what is the number below the large shape?". The dense baseline never learned it next to the other questions, even
+"what is the number below the large shape?". The dense baseline never learned it next to the other questions; even
 alone it stalled at about 70 % with one distractor digit: README / BENCHMARKS.md, "Toy world: can the dense baseline
 learn every family?". `count_above` replaced it.)
 
