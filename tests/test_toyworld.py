@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -259,7 +260,29 @@ def test_seeds_reuses_finished_seeds(seeds_run):
     info = json.loads((seeds_run / "seeds.json").read_text())
     assert info["reused"] == [3, 4] and info["seconds"] < 120
     assert ((seeds_run / "seed3" / "results.json").read_text(), (seeds_run / "seed4" / "results.json").read_text()) == before
-    assert "seeds [3, 4] ran in an earlier sitting" in (seeds_run / "report" / "results.md").read_text()
+    text = (seeds_run / "report" / "results.md").read_text()
+    assert "seeds [3, 4] ran in an earlier sitting" in text
+    assert "min in all" not in text  # this sitting trained nothing: no total run time is claimed for it
+    for seed in (3, 4):  # each seed's own threads and total time, from its run
+        run = json.loads((seeds_run / f"seed{seed}" / "results.json").read_text())
+        timings = json.loads((seeds_run / f"seed{seed}" / "timings.json").read_text())
+        assert f"seed {seed} ({run['machine']['torch_threads']} torch thread(s), {sum(timings.values()) / 60:.0f} min)" in text
+
+
+@pytest.mark.slow
+def test_seeds_refuses_a_finished_run_made_with_other_settings(seeds_run, tmp_path):
+    from visor_hf.toyworld.pipeline import finished_run
+
+    copy = tmp_path / "seed3"
+    shutil.copytree(seeds_run / "seed3", copy)
+    assert finished_run(str(copy), "ci", 3)
+    assert not finished_run(str(copy), "ci", 4)  # another seed's folder
+    settings = json.loads((copy / "preset.json").read_text())
+    today = settings["dense_steps"]
+    settings["dense_steps"] = today + 1
+    (copy / "preset.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=rf"dense_steps {today + 1} \(today {today}\)"):
+        finished_run(str(copy), "ci", 3)
 
 
 def test_seeds_command_refuses_repeated_seeds():

@@ -413,12 +413,22 @@ def fresh_split_check(model_dir: str, reported: dict, data_dir: str, world_seed:
 
 
 def finished_run(workdir: str, preset: str, seed: int) -> bool:
-    """Whether `workdir` holds a finished run (results.json) of `preset` with `seed`."""
+    """Whether `workdir` holds a finished run (results.json) of `preset` with `seed`. A finished run made with other
+    settings than the preset's today (its preset.json) is an error: reusing it would report a recipe that did not run."""
     path = os.path.join(workdir, "results.json")
     if not os.path.exists(path):
         return False
     results = json.load(open(path))
-    return results.get("preset") == preset and results.get("seed") == seed
+    if results.get("preset") != preset or results.get("seed") != seed:
+        return False
+    ran = json.load(open(os.path.join(workdir, "preset.json")))
+    today = json.loads(json.dumps(asdict(PRESETS[preset])))
+    changed = sorted(k for k in today if ran.get(k) != today[k])
+    if changed:
+        raise ValueError(f"{workdir} holds a finished run of preset {preset!r} made with other settings than today's: "
+                         + ", ".join(f"{k} {ran.get(k)!r} (today {today[k]!r})" for k in changed)
+                         + ". Use another --workdir, or delete that folder to run the seed again.")
+    return True
 
 
 def run_seeds(workdir: str, preset: str = "full", seeds=(0, 1, 2), jobs: int | None = None, write_docs: bool = False,

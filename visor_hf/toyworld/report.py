@@ -406,17 +406,23 @@ def fresh_split_table(check: dict) -> str:
     return "\n".join(lines)
 
 
-def seeds_provenance(merged: dict, seeds_info: dict) -> str:
+def seeds_provenance(merged: dict, runs: list[dict], seeds_info: dict) -> str:
+    """Where the numbers come from. Each seed's own torch threads and stage times are read from its run (seeds
+    finished in an earlier sitting may have run with other threads than this sitting's command says)."""
     machine, model = merged["machine"], merged["model"]
+    reused = seeds_info.get("reused") or []
+    schedule = (f"{seeds_info['jobs']} at a time with {seeds_info['threads']} torch thread(s) each, "
+                f"{seeds_info['seconds'] / 60:.0f} min in all" if not reused else
+                f"{seeds_info['seconds'] / 60:.0f} min in this sitting (seeds {reused} ran in an earlier sitting)")
+    per_seed = "; ".join(
+        f"seed {seed} ({run['machine']['torch_threads']} torch thread(s), {sum(t.values()) / 60:.0f} min): "
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in t.items())
+        for run, (seed, t) in zip(runs, seeds_info["timings"].items()))
     return (f"Run: `{seeds_info['command']}`, preset `{merged['preset']}`, seeds {merged['seeds']} (each seed draws its own "
-            f"world and trains with its own seed), {seeds_info['jobs']} at a time with {seeds_info['threads']} torch "
-            f"thread(s) each, on {int(machine['cpu_count'])} CPU cores ({machine['processor']}), torch {machine['torch']}, "
-            f"transformers {machine['transformers']}: {seeds_info['seconds'] / 60:.0f} min in all"
-            + (f" (seeds {seeds_info['reused']} ran in an earlier sitting)" if seeds_info.get("reused") else "")
-            + ". Per seed, stage times (min): "
-            + "; ".join(f"seed {seed}: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in t.items())
-                        for seed, t in seeds_info["timings"].items())
-            + f". Dense model {model['dense_num_parameters'] / 1e6:.2f} M parameters, VISOR {model['num_parameters'] / 1e6:.2f} M; "
+            f"world and trains with its own seed), {schedule}, on {int(machine['cpu_count'])} CPU cores "
+            f"({machine['processor']}), torch {machine['torch']}, transformers {machine['transformers']}. Per seed, "
+            f"stage times (min): {per_seed}. Dense model {model['dense_num_parameters'] / 1e6:.2f} M parameters, "
+            f"VISOR {model['num_parameters'] / 1e6:.2f} M; "
             f"{int(model['num_layers'])} language-model layers, cross-attention after {model['cross_attn_layers']}, "
             f"self-attention layers {model['self_attn_layers']}, the kept seed's viable configurations "
             f"{model['configurations']} (other seeds' searches may pick other layers: budgets are compared by size). "
@@ -438,7 +444,7 @@ def seed_markdown(merged: dict, runs: list[dict], seeds_info: dict, check: dict 
         "Accuracy (%) per question family:\n\n" + family_table(merged),
         *reduction_block(merged),
         *([fresh_split_table(check)] if check else []),
-        seeds_provenance(merged, seeds_info),
+        seeds_provenance(merged, runs, seeds_info),
     ])
 
 
@@ -512,7 +518,7 @@ def write_seed_report(workdir: str, seed_dirs: list[str], results_dir: str, writ
         readme = "\n\n".join([main_table(merged), seed_claims_block(merged, runs),
                                 "Per family:\n\n" + family_verdict_table(merged, runs),
                                 "Per seed:\n\n" + seed_table(runs, runs[0].get("seed")),
-                                f"![accuracy vs FLOPs]({relative_plot})", seeds_provenance(merged, seeds_info)])
+                                f"![accuracy vs FLOPs]({relative_plot})", seeds_provenance(merged, runs, seeds_info)])
         replace_block(os.path.join(REPO_DIR, "README.md"), MARKERS["README.md"], readme)
         replace_block(os.path.join(REPO_DIR, "BENCHMARKS.md"), MARKERS["BENCHMARKS.md"], text + f"\n\n![accuracy vs FLOPs]({relative_plot})")
     print(text)
