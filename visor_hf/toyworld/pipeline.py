@@ -87,7 +87,7 @@ PRESETS = {
     "full": Preset(
         sizes={"train": 30000, "val": 500, "label": 1500, "test": 1500}, questions_per_image=5, model=ModelSize(),
         cross_attn_layers="1,3,5", self_attn_layers="1,3,5",
-        dense_steps=6000, dense_lr=5e-4, stage1_steps=300, stage1_lr=1e-3, universal_steps=1500, universal_lr=2e-4,
+        dense_steps=10000, dense_lr=5e-4, stage1_steps=600, stage1_lr=1e-3, universal_steps=3000, universal_lr=2e-4,
         router_steps=300, router_lr=1e-3, batch_size=16,
     ),
     # What tests/test_toyworld.py runs: the same path, tiny everything.
