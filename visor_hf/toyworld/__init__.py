@@ -9,6 +9,6 @@
 - `report`: results table, plot, README/BENCHMARKS sections, the checkpoint kept in `toyworld/checkpoint/`.
 
 Usage:
-    python -m visor_hf.toyworld run --workdir toy_run --save-checkpoint --write-docs   # about an hour on 2 CPU cores
+    python -m visor_hf.toyworld run --workdir toy_run --save-checkpoint --write-docs   # about 80 minutes on 2 CPU cores
     python -m visor_hf.demo                                                           # the kept checkpoint
 """

@@ -1,6 +1,6 @@
 """The whole VISOR path on the toy world, stage by stage, with the package's own commands.
 
-    python -m visor_hf.toyworld run --workdir toy_run                       # full run (about an hour on 2 CPU cores)
+    python -m visor_hf.toyworld run --workdir toy_run                       # full run (about 80 minutes on 2 CPU cores)
     python -m visor_hf.toyworld run --workdir toy_run --save-checkpoint --write-docs   # + repo checkpoint, README, BENCHMARKS
     python -m visor_hf.toyworld run --workdir /tmp/t --preset ci            # the CI-sized run (a minute or two)
     python -m visor_hf.toyworld run --workdir toy_run --from search         # resume from a stage
