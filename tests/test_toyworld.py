@@ -285,6 +285,21 @@ def test_seeds_refuses_a_finished_run_made_with_other_settings(seeds_run, tmp_pa
         finished_run(str(copy), "ci", 3)
 
 
+def test_seeds_provenance_gives_each_seed_its_own_timings_whatever_the_order():
+    from visor_hf.toyworld.report import seeds_provenance
+
+    merged = {"machine": {"cpu_count": 2, "processor": "x86_64", "torch": "2", "transformers": "5"}, "preset": "ci",
+              "seeds": [4, 3], "dense": {"all": {"questions": 10}},
+              "model": {"dense_num_parameters": 1e6, "num_parameters": 1e6, "num_layers": 3, "cross_attn_layers": [0],
+                        "self_attn_layers": [1], "configurations": [[]]}}
+    runs = [{"seed": 4, "machine": {"torch_threads": 2}}, {"seed": 3, "machine": {"torch_threads": 1}}]  # kept seed first
+    info = {"command": "c", "jobs": 2, "threads": 1, "seconds": 60, "reused": [4, 3],
+            "timings": {"3": {"dense": 60.0}, "4": {"dense": 180.0}}}  # as seeds.json holds them: keys sorted, strings
+    text = seeds_provenance(merged, runs, info)
+    assert "seed 4 (2 torch thread(s), 3 min): dense 3.0" in text
+    assert "seed 3 (1 torch thread(s), 1 min): dense 1.0" in text
+
+
 def test_seeds_command_refuses_repeated_seeds():
     from visor_hf.toyworld.pipeline import main
 
