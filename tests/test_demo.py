@@ -125,7 +125,9 @@ def test_demo_warns_naming_unknown_words_and_still_answers(capsys):
     assert "'What', 'in', 'image'" in warnings[0] and "it knows 'what'" in warnings[0]
     assert "python -m visor_hf.demo --list-questions" in warnings[0]
     (q1, a1), (q2, a2) = question_answers(out)
-    assert q1 == "What is in the image?" and a1 in set(world.COLOURS) | set(world.SHAPES) | set(world.COUNTS) | {"left", "right"}
+    # what the model makes of `<unk> is <unk> the <unk> ?` is its own business: a word of the world, or nothing
+    assert q1 == "What is in the image?"
+    assert a1 in set(world.COLOURS) | set(world.SHAPES) | set(world.COUNTS) | {"left", "right", demo.EMPTY_ANSWER}
     assert "unknown words: see the warning" in out.split("Q: " + known)[0]
     assert (q2, a2) == (known, answers[known])  # on the demo scene a known question prints its reference too
     assert f"A: {answers[known]}   (reference: {answers[known]})\n" in out

@@ -98,6 +98,9 @@ def load(model_id: str):
     return model, VisorProcessor.from_pretrained(model_id)
 
 
+EMPTY_ANSWER = "(empty: the model ended its answer at once)"
+
+
 @torch.inference_mode()
 def answer(model, processor, image, question: str, budget="auto", max_new_tokens: int = 32) -> dict:
     """Generate an answer; return it with the configuration that ran, its FLOPs against dense and the question's
@@ -166,7 +169,7 @@ def main(argv=None) -> None:
         print(f"\nQ: {question}", flush=True)
         if result["unknown_words"]:
             print(unknown_words_warning(processor.tokenizer, result["unknown_words"]), file=sys.stderr, flush=True)
-        print(f"A: {result['answer']}" + (f"   (reference: {reference})" if reference is not None else "")
+        print(f"A: {result['answer'] or EMPTY_ANSWER}" + (f"   (reference: {reference})" if reference is not None else "")
               + ("   (from a question with unknown words: see the warning)" if result["unknown_words"] else ""))
         print(f"   configuration: self-attention layers {list(layers)} ({len(layers)} of {len(config.self_attn_layers)}), {how}")
         print(f"   LLM prefill FLOPs: {result['visor_flops'] / 1e6:.2f} M vs {result['dense_flops'] / 1e6:.2f} M dense "
