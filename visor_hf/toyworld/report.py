@@ -415,10 +415,13 @@ def seeds_provenance(merged: dict, runs: list[dict], seeds_info: dict) -> str:
                 f"{seeds_info['seconds'] / 60:.0f} min in all" if not reused else
                 f"{seeds_info['seconds'] / 60:.0f} min in this sitting (seeds {reused} ran in an earlier sitting)")
     timings = {str(seed): t for seed, t in seeds_info["timings"].items()}  # seeds.json's keys are strings
-    per_seed = "; ".join(
-        f"seed {run['seed']} ({run['machine']['torch_threads']} torch thread(s), {sum(t.values()) / 60:.0f} min): "
-        + ", ".join(f"{k} {v / 60:.1f}" for k, v in t.items())
-        for run in runs for t in [timings[str(run["seed"])]])
+
+    def seed_times(run: dict) -> str:
+        t = timings[str(run["seed"])]
+        return (f"seed {run['seed']} ({run['machine']['torch_threads']} torch thread(s), {sum(t.values()) / 60:.0f} min): "
+                + ", ".join(f"{k} {v / 60:.1f}" for k, v in t.items()))
+
+    per_seed = "; ".join(seed_times(run) for run in runs)
     return (f"Run: `{seeds_info['command']}`, preset `{merged['preset']}`, seeds {merged['seeds']} (each seed draws its own "
             f"world and trains with its own seed), {schedule}, on {int(machine['cpu_count'])} CPU cores "
             f"({machine['processor']}), torch {machine['torch']}, transformers {machine['transformers']}. Per seed, "
