@@ -261,7 +261,7 @@ def test_seeds_reuses_finished_seeds(seeds_run):
     assert info["reused"] == [3, 4] and info["seconds"] < 120
     assert ((seeds_run / "seed3" / "results.json").read_text(), (seeds_run / "seed4" / "results.json").read_text()) == before
     text = (seeds_run / "report" / "results.md").read_text()
-    assert "seeds [3, 4] ran in an earlier sitting" in text
+    assert "no seed trained by this command (seeds [3, 4] ran in an earlier sitting)" in text
     assert "min in all" not in text  # this sitting trained nothing: no total run time is claimed for it
     for seed in (3, 4):  # each seed's own threads and total time, from its run
         run = json.loads((seeds_run / f"seed{seed}" / "results.json").read_text())

@@ -111,7 +111,8 @@ def claims(results: dict) -> list[dict]:
          "holds": a_gap >= -COARSE_THRESHOLD,
          "evidence": f"coarse accuracy {_pct(zero['coarse']['accuracy'])} % at budget 0 vs {_pct(dense['coarse']['accuracy'])} % "
                      f"dense ({100 * a_gap:+.1f} points; criterion: >= -{100 * COARSE_THRESHOLD:.0f}), at "
-                     f"{_fewer(zero['coarse']['relative_flops'])} fewer LLM FLOPs than dense"},
+                     f"{_fewer(zero['coarse']['relative_flops'])} fewer LLM FLOPs than dense on these questions (the table's "
+                     "column is over all questions)"},
         {"claim": "(b) self-attention layers recover fine-grained accuracy",
          "holds": b_gain >= FINE_GAIN,
          "evidence": f"fine accuracy {_pct(zero['fine']['accuracy'])} % at budget 0 -> "
@@ -411,9 +412,13 @@ def seeds_provenance(merged: dict, runs: list[dict], seeds_info: dict) -> str:
     finished in an earlier sitting may have run with other threads than this sitting's command says)."""
     machine, model = merged["machine"], merged["model"]
     reused = seeds_info.get("reused") or []
-    schedule = (f"{seeds_info['jobs']} at a time with {seeds_info['threads']} torch thread(s) each, "
-                f"{seeds_info['seconds'] / 60:.0f} min in all" if not reused else
-                f"{seeds_info['seconds'] / 60:.0f} min in this sitting (seeds {reused} ran in an earlier sitting)")
+    if not reused:
+        schedule = (f"{seeds_info['jobs']} at a time with {seeds_info['threads']} torch thread(s) each, "
+                    f"{seeds_info['seconds'] / 60:.0f} min in all")
+    elif set(reused) == set(seeds_info["seeds"]):
+        schedule = f"no seed trained by this command (seeds {reused} ran in an earlier sitting)"
+    else:
+        schedule = f"{seeds_info['seconds'] / 60:.0f} min in this sitting (seeds {reused} ran in an earlier sitting)"
     timings = {str(seed): t for seed, t in seeds_info["timings"].items()}  # seeds.json's keys are strings
 
     def seed_times(run: dict) -> str:
