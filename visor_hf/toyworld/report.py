@@ -415,7 +415,7 @@ def seeds_provenance(merged: dict, runs: list[dict], seeds_info: dict) -> str:
     if not reused:
         schedule = (f"{seeds_info['jobs']} at a time with {seeds_info['threads']} torch thread(s) each, "
                     f"{seeds_info['seconds'] / 60:.0f} min in all")
-    elif set(reused) == set(seeds_info["seeds"]):
+    elif set(reused) == set(merged["seeds"]):
         schedule = f"no seed trained by this command (seeds {reused} ran in an earlier sitting)"
     else:
         schedule = f"{seeds_info['seconds'] / 60:.0f} min in this sitting (seeds {reused} ran in an earlier sitting)"
