@@ -300,6 +300,21 @@ def test_seeds_provenance_gives_each_seed_its_own_timings_whatever_the_order():
     assert "seed 3 (1 torch thread(s), 1 min): dense 1.0" in text
 
 
+def test_seeds_provenance_says_whether_the_command_trained_some_seeds_or_none():
+    from visor_hf.toyworld.report import seeds_provenance
+
+    merged = {"machine": {"cpu_count": 2, "processor": "x86_64", "torch": "2", "transformers": "5"}, "preset": "ci",
+              "seeds": [4, 3], "dense": {"all": {"questions": 10}},
+              "model": {"dense_num_parameters": 1e6, "num_parameters": 1e6, "num_layers": 3, "cross_attn_layers": [0],
+                        "self_attn_layers": [1], "configurations": [[]]}}
+    runs = [{"seed": 4, "machine": {"torch_threads": 2}}, {"seed": 3, "machine": {"torch_threads": 1}}]
+    info = {"command": "c", "jobs": 1, "threads": 2, "seconds": 120, "timings": {"3": {"dense": 60.0}, "4": {"dense": 180.0}}}
+    every = seeds_provenance(merged, runs, dict(info, reused=[4, 3]))
+    assert "no seed trained by this command (seeds [4, 3] ran in an earlier sitting)" in every and "this sitting" not in every
+    some = seeds_provenance(merged, runs, dict(info, reused=[4]))
+    assert "2 min in this sitting (seeds [4] ran in an earlier sitting)" in some and "no seed trained" not in some
+
+
 def test_seeds_command_refuses_repeated_seeds():
     from visor_hf.toyworld.pipeline import main
 
